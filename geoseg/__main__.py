@@ -1,0 +1,5 @@
+"""Allow ``python -m geoseg``."""
+
+from .cli import main
+
+main()

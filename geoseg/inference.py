@@ -1,0 +1,174 @@
+"""Run a segmentation network over batches of tiles on CPU or CUDA.
+
+The CUDA path streams: host batches go through pinned buffers with non-blocking copies, and
+results come back one batch late, so the GPU computes batch ``i + 1`` while the CPU blends
+batch ``i`` and the reader prepares batch ``i + 2``. On the CPU the same code runs
+synchronously.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+import torch.nn.functional as F
+
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present, else the CPU; never defaults to a missing GPU.
+
+    Raises:
+        ConfigError: CUDA was asked for but is not available.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {name}: CUDA is not available on this machine (use --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
+    return device
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU computes bf16 natively (AVX512-BF16 or AMX), where bf16 autocast pays."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """Map ``auto`` to the fastest precision that keeps the class map on ``device``.
+
+    bf16 on CUDA (when supported) and on CPUs with native bf16; fp32 elsewhere, where bf16
+    would be emulated and slower.
+
+    Raises:
+        ConfigError: A precision the device cannot run.
+    """
+    if name == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        return "bf16" if cpu_has_native_bf16() else "fp32"
+    if name == "fp16" and device.type == "cpu":
+        raise ConfigError("precision fp16 is for CUDA; on the CPU use bf16 or fp32")
+    return name
+
+
+@dataclass
+class TileBatch:
+    """Tiles ready for the network: ``pixels (N, C, T, T)`` float32 and their bookkeeping."""
+
+    pixels: npt.NDArray[np.float32]
+    tiles: list[Any]
+    valid: list[npt.NDArray[np.bool_]]
+    extents: list[tuple[int, int]]  # (h, w) of each tile inside the scene
+
+
+class TilePredictor:
+    """Turns batches of normalised tiles into full-resolution logits.
+
+    SegFormer predicts at 1/4 resolution; logits are upsampled bilinearly to the tile size
+    (as Hugging Face's post-processing does) before they are blended.
+
+    Args:
+        module: The network, in eval mode, on the CPU.
+        device: Where to run it.
+        precision: ``fp32``, ``bf16`` or ``fp16`` (autocast; weights stay fp32).
+        tile_px: Tile edge in pixels.
+        max_batch: Largest batch that will be submitted (sizes the pinned buffers).
+        channels_last: Run convolutions in channels-last memory format.
+    """
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        device: torch.device,
+        precision: str,
+        tile_px: int,
+        max_batch: int,
+        channels_last: bool = False,
+    ):
+        self.device = device
+        self.precision = precision
+        self.tile_px = tile_px
+        self._memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.module = module.to(device=device, memory_format=self._memory_format).eval()
+        self._autocast = precision != "fp32"
+        self._dtype = _DTYPES[precision]
+        self._cuda = device.type == "cuda"
+        self._pinned_in: list[torch.Tensor] = []
+        self._pinned_out: list[torch.Tensor] = []
+        self._max_batch = max_batch
+        self._launches = 0
+
+    def stream(self, batches: Iterable[TileBatch]) -> Iterator[tuple[TileBatch, npt.NDArray[np.float32]]]:
+        """Yield ``(batch, logits (N, K, T, T) float32)`` in order, one batch behind the launch.
+
+        Each logits array may be reused after the next item is requested: consume it first.
+        """
+        pending: tuple[TileBatch, Any] | None = None
+        for batch in batches:
+            launched = self._launch(batch)
+            if pending is not None:
+                yield pending[0], self._collect(pending[1])
+            pending = (batch, launched)
+        if pending is not None:
+            yield pending[0], self._collect(pending[1])
+
+    def predict(self, pixels: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """Logits ``(N, K, T, T)`` for one batch, synchronously (tests and benchmarks)."""
+        return self._collect(self._launch(TileBatch(pixels, [], [], []))).copy()
+
+    @torch.inference_mode()
+    def _launch(self, batch: TileBatch) -> Any:
+        n = batch.pixels.shape[0]
+        host = torch.from_numpy(batch.pixels)
+        slot = self._launches % 2
+        self._launches += 1
+        if self._cuda:
+            if not self._pinned_in:
+                shape = (self._max_batch, *batch.pixels.shape[1:])
+                self._pinned_in = [torch.empty(shape, dtype=torch.float32).pin_memory() for _ in range(2)]
+            staged = self._pinned_in[slot][:n]
+            staged.copy_(host)
+            inputs = staged.to(self.device, non_blocking=True)
+        else:
+            inputs = host
+        inputs = inputs.contiguous(memory_format=self._memory_format)
+        with torch.autocast(self.device.type, dtype=self._dtype, enabled=self._autocast):
+            logits = self.module(inputs)
+        # (N, K, T/4, T/4) -> (N, K, T, T)
+        logits = F.interpolate(logits.float(), size=(self.tile_px, self.tile_px), mode="bilinear", align_corners=False)
+        if not self._cuda:
+            return logits.contiguous()
+        if not self._pinned_out:
+            shape = (self._max_batch, *logits.shape[1:])
+            self._pinned_out = [torch.empty(shape, dtype=torch.float32).pin_memory() for _ in range(2)]
+        out = self._pinned_out[slot][:n]
+        out.copy_(logits, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return out, done
+
+    def _collect(self, launched: Any) -> npt.NDArray[np.float32]:
+        if self._cuda:
+            out, done = launched
+            done.synchronize()
+            return out.numpy()
+        return launched.numpy()

@@ -1,0 +1,380 @@
+"""Raster input and output: open and check a scene, read tiles with their validity mask, write labels.
+
+Reading and writing go through rasterio windows, never whole scenes. Each open dataset handle
+belongs to one thread (rasterio handles are not thread-safe), so a :class:`SceneReader` and a
+:class:`LabelWriter` each open their own.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from xml.sax.saxutils import escape
+
+import numpy as np
+import numpy.typing as npt
+import rasterio
+from affine import Affine
+from rasterio.enums import MaskFlags
+from rasterio.errors import RasterioError, RasterioIOError
+from rasterio.windows import Window
+
+from .errors import GeoreferenceWarning, InputError, OutputError
+from .modelfile import ClassSpec, ModelMetadata
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_KINDS = "ui" + "f"  # unsigned, signed integers and floats; complex is refused
+TMP_MARKER = ".geoseg-tmp"
+
+
+@dataclass(frozen=True)
+class Scene:
+    """What geoseg knows about an input scene after checking it (no open handle)."""
+
+    path: str
+    width: int
+    height: int
+    count: int
+    dtype: str
+    crs: Any
+    transform: Affine
+    band_indexes: tuple[int, ...]
+    nodata: float | None
+    mask_mode: str  # "none", "nodata" (value per band) or "dataset" (internal mask or alpha)
+    band_source: str  # how band_indexes were chosen, for the log
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(height, width) in pixels."""
+        return self.height, self.width
+
+
+def _open(path: str) -> rasterio.io.DatasetReader:
+    if "://" not in path and not path.startswith("/vsi") and not Path(path).exists():
+        raise InputError(f"{path}: file not found")
+    try:
+        return rasterio.open(path)
+    except RasterioIOError as err:
+        raise InputError(f"{path}: not a raster GDAL can read ({_gdal_message(err)})") from err
+    except RasterioError as err:
+        raise InputError(f"{path}: cannot open ({_gdal_message(err)})") from err
+
+
+def open_scene(
+    path: str | os.PathLike[str],
+    metadata: ModelMetadata,
+    bands: Sequence[int] | None = None,
+    nodata: float | None = None,
+) -> Scene:
+    """Check a scene against a model before any inference.
+
+    Args:
+        path: Any path or URI rasterio opens.
+        metadata: The model the scene will be fed to.
+        bands: 1-based raster bands for the model's inputs, in model order; ``None`` matches
+            band descriptions to the model's band names, then falls back to the model's defaults.
+        nodata: A value that marks invalid pixels, overriding the file's own nodata value.
+
+    Returns:
+        The checked scene.
+
+    Raises:
+        InputError: Missing or unreadable file, too few bands, bands out of range,
+            unsupported dtype. The message names the file.
+    """
+    path = os.fspath(path)
+    with _open(path) as src:
+        dtypes = set(src.dtypes)
+        kinds = {np.dtype(d).kind for d in dtypes}
+        if not kinds <= set(SUPPORTED_KINDS):
+            raise InputError(f"{path}: unsupported data type {', '.join(sorted(dtypes))} (need integer or float bands)")
+        band_indexes, band_source = _choose_bands(path, src, metadata, bands)
+        mask_mode, file_nodata = _mask_mode(src, band_indexes)
+        if nodata is not None:
+            mask_mode, file_nodata = "nodata", float(nodata)
+        if src.crs is None:
+            warnings.warn(
+                f"{path}: no CRS; predicting in pixel space and writing the output without a CRS",
+                GeoreferenceWarning,
+                stacklevel=2,
+            )
+        elif not src.transform.is_rectilinear:
+            log.info("%s: rotated transform; the output copies it unchanged", path)
+        return Scene(
+            path=path,
+            width=src.width,
+            height=src.height,
+            count=src.count,
+            dtype=np.result_type(*[src.dtypes[i - 1] for i in band_indexes]).name,
+            crs=src.crs,
+            transform=src.transform,
+            band_indexes=band_indexes,
+            nodata=file_nodata,
+            mask_mode=mask_mode,
+            band_source=band_source,
+        )
+
+
+def _choose_bands(
+    path: str, src: rasterio.io.DatasetReader, metadata: ModelMetadata, bands: Sequence[int] | None
+) -> tuple[tuple[int, ...], str]:
+    names = metadata.band_names
+    if bands is not None:
+        bands = tuple(bands)
+        if len(bands) != len(names):
+            raise InputError(f"{path}: --bands lists {len(bands)} bands but the model needs {len(names)} ({', '.join(names)})")
+        out_of_range = [b for b in bands if not 1 <= b <= src.count]
+        if out_of_range:
+            raise InputError(f"{path}: band {out_of_range[0]} is out of range (the file has {src.count} bands)")
+        return bands, "--bands"
+    descriptions = [(d or "").strip().lower() for d in src.descriptions]
+    if all(n.lower() in descriptions for n in names):
+        chosen = tuple(descriptions.index(n.lower()) + 1 for n in names)
+        return chosen, "band descriptions"
+    defaults = tuple(b.source_band for b in metadata.bands)
+    if src.count < max(defaults):
+        raise InputError(
+            f"{path}: the file has {src.count} band(s) but the model needs {len(names)} "
+            f"({', '.join(names)} from bands {', '.join(map(str, defaults))}); pick them with --bands"
+        )
+    return defaults, "model defaults"
+
+
+def _mask_mode(src: rasterio.io.DatasetReader, band_indexes: Sequence[int]) -> tuple[str, float | None]:
+    flags = [src.mask_flag_enums[i - 1] for i in band_indexes]
+    if any(MaskFlags.per_dataset in f or MaskFlags.alpha in f for f in flags):
+        return "dataset", None
+    nodatavals = [src.nodatavals[i - 1] for i in band_indexes]
+    if any(v is not None for v in nodatavals):
+        return "nodata", next(v for v in nodatavals if v is not None)
+    return "none", None
+
+
+class SceneReader:
+    """Reads model-ready tiles from one scene; one instance per thread.
+
+    Tiles come back normalised for the model (float32), padded by reflection when the scene
+    is smaller than a tile, with invalid pixels set to 0 (the normalised mean) and a validity
+    mask. Validity follows rasterio's dataset mask: a pixel is nodata when every selected band
+    equals the nodata value (or is NaN), or where the internal mask or alpha band says so.
+    """
+
+    def __init__(self, scene: Scene, multiplier: Sequence[float], bias: Sequence[float]):
+        self.scene = scene
+        self._src = _open(scene.path)
+        self._mul = np.asarray(multiplier, np.float32)[:, None, None]
+        self._bias = np.asarray(bias, np.float32)[:, None, None]
+
+    def close(self) -> None:
+        """Close the dataset handle."""
+        self._src.close()
+
+    def __enter__(self) -> SceneReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def read_tile(
+        self, y: int, x: int, size_px: int
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_], int, int]:
+        """Read the ``size_px`` square tile whose top-left pixel is (``y``, ``x``).
+
+        Returns:
+            ``(pixels (C, size, size) float32, valid (size, size) bool, h, w)``, where ``h, w``
+            is the part inside the scene (the rest is reflection padding, marked invalid).
+
+        Raises:
+            InputError: GDAL failed to read the window (truncated or corrupt file).
+        """
+        scene = self.scene
+        h = min(size_px, scene.height - y)
+        w = min(size_px, scene.width - x)
+        window = Window(x, y, w, h)
+        try:
+            raw = self._src.read(scene.band_indexes, window=window)
+            valid = self._valid_mask(raw, window)
+        except RasterioError as err:
+            raise InputError(f"{scene.path}: read failed at rows {y}-{y + h}, cols {x}-{x + w} ({_gdal_message(err)})") from err
+        pixels = raw.astype(np.float32)
+        pixels *= self._mul
+        pixels += self._bias
+        pixels[:, ~valid] = 0.0
+        if h < size_px or w < size_px:
+            pad = ((0, 0), (0, size_px - h), (0, size_px - w))
+            pixels = np.pad(pixels, pad, mode="reflect" if min(h, w) > 1 else "edge")
+            valid = np.pad(valid, pad[1:], mode="constant", constant_values=False)
+        return pixels, valid, h, w
+
+    def _valid_mask(self, raw: npt.NDArray[Any], window: Window) -> npt.NDArray[np.bool_]:
+        scene = self.scene
+        if scene.mask_mode == "dataset":
+            valid = self._src.read_masks(scene.band_indexes[0], window=window) > 0
+        elif scene.mask_mode == "nodata" and scene.nodata is not None and not np.isnan(scene.nodata):
+            valid = ~np.all(raw == np.asarray(scene.nodata).astype(raw.dtype), axis=0)
+        else:
+            valid = np.ones(raw.shape[1:], bool)
+        if raw.dtype.kind == "f":
+            valid &= ~np.any(np.isnan(raw), axis=0)
+        return valid
+
+
+def output_dtype(classes: Sequence[ClassSpec], output_nodata: int) -> str:
+    """uint8 when every class id and the nodata value fit, else uint16."""
+    return "uint8" if max(max(c.id for c in classes), output_nodata) <= 255 else "uint16"
+
+
+def check_destination(src: str, dst: str | os.PathLike[str], overwrite: bool) -> Path:
+    """Refuse a destination that cannot or must not be written.
+
+    Raises:
+        OutputError: DST equals SRC, its folder is missing, or it exists without ``overwrite``.
+    """
+    dst_path = Path(dst)
+    if "://" not in src and Path(src).exists() and dst_path.exists() and os.path.samefile(src, dst_path):
+        raise OutputError(f"{dst}: destination is the input scene; choose another file")
+    if os.path.abspath(src) == os.path.abspath(dst_path):
+        raise OutputError(f"{dst}: destination is the input scene; choose another file")
+    if not dst_path.parent.is_dir():
+        raise OutputError(f"{dst}: folder {dst_path.parent} does not exist")
+    if dst_path.is_dir():
+        raise OutputError(f"{dst}: is a folder; give a file name")
+    if dst_path.exists() and not overwrite:
+        raise OutputError(f"{dst}: already exists (use --overwrite to replace it)")
+    return dst_path
+
+
+class LabelWriter:
+    """Writes a class raster row block by row block under a temporary name, then renames it.
+
+    Until :meth:`commit`, nothing exists under the final name; :meth:`abort` (or an exception
+    inside the ``with`` block) removes the temporary files.
+    """
+
+    BLOCK_PX = 256
+
+    def __init__(
+        self,
+        dst: Path,
+        scene: Scene,
+        classes: Sequence[ClassSpec],
+        output_nodata: int,
+        compress: str,
+        tags: dict[str, str],
+    ):
+        self.dst = dst
+        self.classes = tuple(classes)
+        self.dtype = output_dtype(classes, output_nodata)
+        self.tmp = dst.with_name(f".{dst.name}{TMP_MARKER}{os.getpid()}")
+        self.height = scene.height
+        self._next_row = 0  # next row expected from the caller
+        self._pending_row = 0  # first row not yet written to the file
+        self._pending: list[npt.NDArray[np.integer]] = []
+        profile = {
+            "driver": "GTiff",
+            "width": scene.width,
+            "height": scene.height,
+            "count": 1,
+            "dtype": self.dtype,
+            "crs": scene.crs,
+            "transform": scene.transform,
+            "nodata": output_nodata,
+            "tiled": True,
+            "blockxsize": self.BLOCK_PX,
+            "blockysize": self.BLOCK_PX,
+            "BIGTIFF": "IF_SAFER",
+        }
+        if compress != "none":
+            profile["compress"] = compress
+        try:
+            self._dst = rasterio.open(self.tmp, "w", **profile)
+        except RasterioError as err:
+            raise OutputError(f"{dst}: cannot create ({_gdal_message(err)})") from err
+        self._dst.write_colormap(1, {c.id: c.rgba for c in self.classes} | {output_nodata: (0, 0, 0, 0)})
+        self._dst.set_band_description(1, "land cover class")
+        class_tags = {f"CLASS_{c.id}": c.name for c in self.classes}
+        self._dst.update_tags(**tags, **class_tags)
+
+    def write_rows(self, row: int, labels: npt.NDArray[np.integer]) -> None:
+        """Write ``labels`` (rows, width) at scene row ``row``; rows must arrive in order.
+
+        Rows are buffered until whole output blocks are complete, so each compressed block
+        is written once.
+        """
+        if row != self._next_row:
+            raise AssertionError(f"rows must arrive in order: expected row {self._next_row}, got {row}")
+        self._pending.append(labels.astype(self.dtype, copy=False))
+        self._next_row += labels.shape[0]
+        pending_rows = self._next_row - self._pending_row
+        ready = pending_rows if self._next_row >= self.height else pending_rows - pending_rows % self.BLOCK_PX
+        if ready:
+            block = np.concatenate(self._pending) if len(self._pending) > 1 else self._pending[0]
+            self._dst.write(block[:ready], 1, window=Window(0, self._pending_row, block.shape[1], ready))
+            self._pending = [block[ready:]] if ready < block.shape[0] else []
+            self._pending_row += ready
+
+    def commit(self) -> None:
+        """Close, write the class-name sidecar and move both to their final names."""
+        if self._next_row != self.height:
+            raise AssertionError(f"only {self._next_row} of {self.height} rows were written")
+        self._dst.close()
+        aux_tmp = Path(f"{self.tmp}.aux.xml")
+        aux_tmp.write_text(pam_xml(self.classes))
+        # NOTE: the sidecar lands first; the raster's rename is the moment the output exists.
+        os.replace(aux_tmp, Path(f"{self.dst}.aux.xml"))
+        os.replace(self.tmp, self.dst)
+
+    def abort(self) -> None:
+        """Close and remove the temporary files; the final name is never touched."""
+        try:
+            self._dst.close()
+        finally:
+            for path in (self.tmp, Path(f"{self.tmp}.aux.xml")):
+                path.unlink(missing_ok=True)
+
+    def __enter__(self) -> LabelWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is not None:
+            self.abort()
+
+
+def pam_xml(classes: Sequence[ClassSpec]) -> str:
+    """GDAL PAM sidecar text with category names and a thematic raster attribute table.
+
+    GeoTIFF cannot hold class names itself; GDAL (and so QGIS) reads them from
+    ``<file>.aux.xml``: ``CategoryNames`` index the names by pixel value, and the RAT carries
+    value, name and colour columns.
+    """
+    by_id = {c.id: c for c in classes}
+    names = "".join(
+        f"<Category>{escape(by_id[i].name) if i in by_id else ''}</Category>" for i in range(max(by_id) + 1)
+    )
+    # GDAL enums: GFT_Integer=0, GFT_String=2; GFU_Name=2, GFU_MinMax=5, GFU_Red..GFU_Alpha=6..9.
+    fields = [("Value", 0, 5), ("Class", 2, 2), ("Red", 0, 6), ("Green", 0, 7), ("Blue", 0, 8), ("Alpha", 0, 9)]
+    defs = "".join(
+        f'<FieldDefn index="{i}"><Name>{n}</Name><Type>{t}</Type><Usage>{u}</Usage></FieldDefn>'
+        for i, (n, t, u) in enumerate(fields)
+    )
+    rows = "".join(
+        f'<Row index="{i}"><F>{c.id}</F><F>{escape(c.name)}</F>' + "".join(f"<F>{v}</F>" for v in c.rgba) + "</Row>"
+        for i, c in enumerate(sorted(classes, key=lambda c: c.id))
+    )
+    return (
+        '<PAMDataset><PAMRasterBand band="1">'
+        f"<CategoryNames>{names}</CategoryNames>"
+        f'<GDALRasterAttributeTable tableType="thematic">{defs}{rows}</GDALRasterAttributeTable>'
+        "</PAMRasterBand></PAMDataset>\n"
+    )
+
+
+def _gdal_message(err: BaseException) -> str:
+    text = str(err).strip() or type(err).__name__
+    return text.splitlines()[0]
