@@ -24,7 +24,7 @@ log = logging.getLogger("geoseg")
 
 
 def _configure_logging(verbosity: int, quiet: bool) -> None:
-    level = logging.ERROR if quiet else {0: logging.WARNING, 1: logging.INFO}.get(verbosity, logging.DEBUG)
+    level = logging.ERROR if quiet else (logging.INFO if verbosity == 0 else logging.DEBUG)
     logging.basicConfig(level=level, format="%(levelname)s: %(message)s", stream=sys.stderr)
     logging.getLogger("geoseg").setLevel(level)
 
@@ -62,7 +62,7 @@ def _user_errors(quiet: bool = False) -> Iterator[None]:
 
 def _verbosity_options(f: Callable[..., Any]) -> Callable[..., Any]:
     f = click.option("-q", "--quiet", is_flag=True, help="Only errors; no progress bar.")(f)
-    f = click.option("-v", "--verbose", count=True, help="More detail (-vv for debug).")(f)
+    f = click.option("-v", "--verbose", count=True, help="Debug detail.")(f)
     return f
 
 

@@ -156,7 +156,11 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, Mapping):
         raise ConfigError(f"{path}: expected a mapping of settings at the top level, got {type(data).__name__}")
-    return config_from_mapping(data, source=str(path))
+    settings = config_from_mapping(data, source=str(path))
+    model = settings.get("model")
+    if isinstance(model, str) and not Path(model).is_absolute():
+        settings["model"] = str(path.parent / model)  # relative to the config file, not the working folder
+    return settings
 
 
 def build_config(file_settings: Mapping[str, Any] | None = None, **cli_settings: Any) -> PredictConfig:

@@ -1,0 +1,140 @@
+"""Predict throughput against the model alone, and peak memory against scene size.
+
+Prints figures; asserts nothing. Run from the repository root:
+
+    python bench/bench_predict.py                      # bundled model, 2048 px scene, RSS on 2048 and 8192 px
+    python bench/bench_predict.py --model m.safetensors --scene-px 4096 --rss 2048,8192
+
+(a) model only: the network on random tiles already in memory (no reading, blending, writing),
+    converted to unique megapixels per second with the scene's own tile grid (each tile counts
+    for height * width / tiles pixels, so overlap is taken out);
+(b) end to end: ``geoseg predict`` in a subprocess on a real scene (mosaics of the shared Zion
+    Landsat 8 scene, built by bench/scenes.py), wall clock including start-up, and the
+    pipeline's own time measured in-process.
+Peak RSS comes from ``os.wait4`` on each ``geoseg predict`` child process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from scenes import OUT, build_mosaic  # noqa: E402
+
+from geoseg.config import PredictConfig  # noqa: E402
+from geoseg.inference import resolve_device, resolve_precision  # noqa: E402
+from geoseg.modelfile import load_model  # noqa: E402
+from geoseg.pipeline import default_model_path, plan_grid, predict_scene  # noqa: E402
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def model_only_tiles_per_s(model, tile: int, batch: int, device, precision: str, seconds: float) -> float:
+    """Forward passes on random tiles already on the device; tiles per second."""
+    module = model.module.to(device)
+    x = torch.randn(batch, len(model.metadata.bands), tile, tile, device=device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32"):
+        module(x)  # warm-up
+        done, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds or done < 3:
+            module(x)
+            done += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+    return done * batch / elapsed
+
+
+def run_predict(scene: Path, model: Path, extra: list[str]) -> tuple[float, float]:
+    """Run ``geoseg predict`` as a child; returns (wall seconds, peak RSS in MiB)."""
+    out = OUT / f"{scene.stem}_pred.tif"
+    cmd = [sys.executable, "-m", "geoseg", "predict", str(scene), str(out), "--model", str(model), "-q", "--overwrite", *extra]
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    if status != 0:
+        raise SystemExit(f"geoseg predict failed on {scene} (status {status})")
+    return wall, usage.ru_maxrss / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, help="model file [bundled default]")
+    parser.add_argument("--scene-px", type=int, default=2048, help="edge of the square scene for throughput")
+    parser.add_argument("--tile", type=int, help="tile edge [model's]")
+    parser.add_argument("--overlap", type=int, help="overlap [model's]")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--seconds", type=float, default=20.0, help="time spent on the model-only figure")
+    parser.add_argument("--rss", default="2048,8192", help="scene edges for the peak-RSS figures ('' to skip)")
+    args = parser.parse_args()
+
+    model_path = args.model or default_model_path()
+    model = load_model(model_path)
+    config = PredictConfig(
+        tile=args.tile, overlap=args.overlap, batch_size=args.batch_size, precision=args.precision, device=args.device
+    )
+    device = resolve_device(config.device)
+    precision = resolve_precision(config.precision, device)
+    scene = build_mosaic(args.scene_px)
+    with __import__("rasterio").open(scene) as src:
+        from geoseg.io import open_scene
+
+        checked = open_scene(scene, model.metadata)
+    grid = plan_grid(checked, model.metadata, config)
+    unique_px_per_tile = checked.width * checked.height / len(grid)
+
+    print(f"machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)")
+    print(f"model: {model.metadata.name} ({model.metadata.variant}), {model_path.name}")
+    print(
+        f"settings: device {device}, precision {precision}, tile {grid.tile_px}, overlap {grid.overlap_px}, "
+        f"batch {config.batch_size}; scene {checked.width}x{checked.height} = {len(grid)} tiles"
+    )
+    tiles_per_s = model_only_tiles_per_s(model, grid.tile_px, config.batch_size, device, precision, args.seconds)
+    model_mps = tiles_per_s * unique_px_per_tile / 1e6
+    print(f"(a) model only:            {tiles_per_s:7.2f} tiles/s = {model_mps:6.3f} unique MP/s")
+
+    extra = ["--batch-size", str(config.batch_size), "--precision", precision, "--device", str(device)]
+    extra += ["--tile", str(grid.tile_px), "--overlap", str(grid.overlap_px)]
+    wall, _ = run_predict(scene, model_path, extra)
+    e2e_mps = checked.width * checked.height / 1e6 / wall
+    print(f"(b) geoseg predict (CLI):  {wall:7.2f} s    = {e2e_mps:6.3f} MP/s   ratio b/a = {e2e_mps / model_mps:.3f}")
+    result = predict_scene(scene, OUT / "inprocess_pred.tif", config.replace(tile=grid.tile_px, overlap=grid.overlap_px),
+                           overwrite=True, model=model)
+    print(
+        f"(b') predict_scene only:   {result.seconds:7.2f} s    = {result.megapixels_per_second:6.3f} MP/s   "
+        f"ratio b'/a = {result.megapixels_per_second / model_mps:.3f}"
+    )
+
+    sizes = [int(s) for s in args.rss.split(",") if s]
+    peaks = []
+    for size in sizes:
+        path = build_mosaic(size)
+        wall, peak = run_predict(path, model_path, extra)
+        peaks.append(peak)
+        print(f"peak RSS {size}x{size} ({size * size / 1e6:5.1f} MP): {peak:8.1f} MiB  ({wall:.1f} s)")
+    if len(peaks) >= 2:
+        print(f"peak RSS growth {sizes[0]} -> {sizes[-1]} px: {100 * (peaks[-1] / peaks[0] - 1):+.1f} %")
+
+
+if __name__ == "__main__":
+    main()
