@@ -25,7 +25,10 @@ log = logging.getLogger("geoseg")
 
 def _configure_logging(verbosity: int, quiet: bool) -> None:
     level = logging.ERROR if quiet else (logging.INFO if verbosity == 0 else logging.DEBUG)
-    logging.basicConfig(level=level, format="%(levelname)s: %(message)s", stream=sys.stderr)
+    # Other libraries stay at WARNING unless -v: rasterio logs every GDAL error it raises at INFO,
+    # which would turn a one-line error into several.
+    root_level = level if verbosity else max(level, logging.WARNING)
+    logging.basicConfig(level=root_level, format="%(levelname)s: %(message)s", stream=sys.stderr)
     logging.getLogger("geoseg").setLevel(level)
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import numpy.typing as npt
 import rasterio
 from affine import Affine
-from rasterio.enums import MaskFlags
+from rasterio.enums import ColorInterp, MaskFlags
 from rasterio.errors import RasterioError, RasterioIOError
 from rasterio.windows import Window
 
@@ -46,8 +46,9 @@ class Scene:
     transform: Affine
     band_indexes: tuple[int, ...]
     nodata: float | None
-    mask_mode: str  # "none", "nodata" (value per band) or "dataset" (internal mask or alpha)
+    mask_mode: str  # "none", "nodata" (value per band), "dataset" (internal mask or alpha) or "alpha"
     band_source: str  # how band_indexes were chosen, for the log
+    alpha_band: int | None = None  # the band labelled alpha, read as the mask in "alpha" mode
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -118,6 +119,7 @@ def open_scene(
             nodata=file_nodata,
             mask_mode=mask_mode,
             band_source=band_source,
+            alpha_band=_alpha_band(src) if mask_mode == "alpha" else None,
         )
 
 
@@ -150,10 +152,18 @@ def _mask_mode(src: rasterio.io.DatasetReader, band_indexes: Sequence[int]) -> t
     flags = [src.mask_flag_enums[i - 1] for i in band_indexes]
     if any(MaskFlags.per_dataset in f or MaskFlags.alpha in f for f in flags):
         return "dataset", None
+    if _alpha_band(src) not in (None, *band_indexes):
+        return "alpha", None  # e.g. R, G, B, NIR + alpha, which GDAL's own mask ignores
     nodatavals = [src.nodatavals[i - 1] for i in band_indexes]
     if any(v is not None for v in nodatavals):
         return "nodata", next(v for v in nodatavals if v is not None)
     return "none", None
+
+
+def _alpha_band(src: rasterio.io.DatasetReader) -> int | None:
+    """The last band labelled alpha, if any (GDAL masks with it only for gray+alpha and RGBA)."""
+    alphas = [i for i, interp in enumerate(src.colorinterp, start=1) if interp == ColorInterp.alpha]
+    return alphas[-1] if alphas else None
 
 
 class SceneReader:
@@ -216,6 +226,8 @@ class SceneReader:
         scene = self.scene
         if scene.mask_mode == "dataset":
             valid = self._src.read_masks(scene.band_indexes[0], window=window) > 0
+        elif scene.mask_mode == "alpha":
+            valid = self._src.read(scene.alpha_band, window=window) > 0
         elif scene.mask_mode == "nodata" and scene.nodata is not None and not np.isnan(scene.nodata):
             valid = ~np.all(raw == np.asarray(scene.nodata).astype(raw.dtype), axis=0)
         else:
@@ -376,5 +388,8 @@ def pam_xml(classes: Sequence[ClassSpec]) -> str:
 
 
 def _gdal_message(err: BaseException) -> str:
+    # rasterio's read errors say "See previous exception for details."; the cause says what failed.
+    while "previous exception" in str(err) and err.__cause__ is not None:
+        err = err.__cause__
     text = str(err).strip() or type(err).__name__
     return text.splitlines()[0]

@@ -234,7 +234,7 @@ def _run(
                     labels[~finished.valid] = config.output_nodata
                     _put(rows_out, (finished.row, labels), stop)
 
-            for batch, logits in predictor.stream(_drain(batches)):
+            for batch, logits in predictor.stream(_drain(batches, stop)):
                 for tile, tile_logits, valid, (h, w) in zip(batch.tiles, logits, batch.valid, batch.extents):
                     emit(grid.row_starts[tile.row])
                     accumulator.add(tile.y, tile.x, tile_logits[:, :h, :w], taper[:h, :w], valid[:h, :w])
@@ -273,10 +273,19 @@ def _put(q: queue.Queue[Any], item: Any, stop: threading.Event) -> None:
                 raise RuntimeError("pipeline stopped") from None
 
 
-def _drain(batches: queue.Queue[Any]) -> Iterator[TileBatch]:
-    """Yield batches from the reader until it is done; re-raise its error here."""
+def _drain(batches: queue.Queue[Any], stop: threading.Event) -> Iterator[TileBatch]:
+    """Yield batches from the reader until it is done; re-raise its error here.
+
+    Polls, so a pipeline stopped by the writer (whose reader then quits without a last item)
+    never leaves this thread waiting forever.
+    """
     while True:
-        item = batches.get()
+        try:
+            item = batches.get(timeout=0.1)
+        except queue.Empty:
+            if stop.is_set():
+                raise RuntimeError("pipeline stopped") from None
+            continue
         if item is _DONE:
             return
         if isinstance(item, BaseException):

@@ -1,0 +1,208 @@
+"""Rolling logit blend: exact weighted averages, no darkened border, rows out once and in order."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from geoseg.blend import LogitAccumulator, argmax_classes, weight_sum_1d
+from geoseg.tiling import Tile, TileGrid, taper_1d, taper_2d
+
+TileLogits = Callable[[Tile, int, int], np.ndarray]
+
+
+def blend(
+    grid: TileGrid,
+    num_classes: int,
+    tile_logits: TileLogits,
+    floor: float,
+    *,
+    valid: np.ndarray | None = None,
+    skip: Callable[[Tile], bool] = lambda tile: False,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, LogitAccumulator]:
+    """Drive a LogitAccumulator tile by tile, as the pipeline does.
+
+    Returns the blended logits ``(K, H, W)``, labels and validity gathered from the finished rows,
+    and the accumulator. Checks that rows come out once each, in order.
+    """
+    height, width = grid.height, grid.width
+    taper = taper_2d(grid.tile_px, floor)
+    acc = LogitAccumulator(
+        num_classes, height, width, grid.tile_px, grid.row_starts, grid.col_starts, grid.tile_px, floor
+    )
+    logits = np.full((num_classes, height, width), np.nan, np.float32)
+    labels = np.full((height, width), -1, np.int64)
+    valid_out = np.zeros((height, width), bool)
+    if valid is None:
+        valid = np.ones((height, width), bool)
+    next_row = 0
+
+    def emit(until: int) -> None:
+        nonlocal next_row
+        for finished in acc.pop_until(until):
+            n = finished.sums.shape[1]
+            assert finished.row == next_row, "finished rows must come out in order, each once"
+            assert finished.sums.shape == (num_classes, n, width)
+            assert finished.valid.shape == (n, width)
+            rows = slice(finished.row, finished.row + n)
+            logits[:, rows] = finished.logits()
+            labels[rows] = finished.labels()
+            valid_out[rows] = finished.valid
+            next_row += n
+
+    for tile in grid:
+        if skip(tile):
+            continue
+        emit(grid.row_starts[tile.row])
+        h, w = min(tile.size, height - tile.y), min(tile.size, width - tile.x)
+        tile_valid = valid[tile.y : tile.y + h, tile.x : tile.x + w]
+        acc.add(tile.y, tile.x, tile_logits(tile, h, w), taper[:h, :w], tile_valid)
+    emit(height)
+    assert next_row == height, "every row must come out"
+    return logits, labels, valid_out, acc
+
+
+@st.composite
+def grids(draw: st.DrawFn, max_side: int = 160) -> TileGrid:
+    tile = draw(st.integers(2, 64))
+    overlap = draw(st.integers(0, (tile - 1) // 2))
+    return TileGrid(draw(st.integers(1, max_side)), draw(st.integers(1, max_side)), tile, overlap)
+
+
+floors = st.floats(0.01, 1.0)
+
+
+@settings(max_examples=150, deadline=None)
+@given(grids(), floors, st.lists(st.floats(-50, 50), min_size=1, max_size=4))
+def test_blending_constant_logits_gives_back_the_constant(
+    grid: TileGrid, floor: float, values: list[float]
+) -> None:
+    const = np.asarray(values, np.float32)[:, None, None]
+    logits, _, valid, _ = blend(
+        grid, len(values), lambda t, h, w: np.broadcast_to(const, (len(values), h, w)), floor
+    )
+    # The border (seen by fewer tiles, at the taper's low edge) must not be darkened.
+    np.testing.assert_allclose(logits, np.broadcast_to(const, logits.shape), rtol=1e-5, atol=1e-5)
+    assert valid.all()
+
+
+@settings(max_examples=100, deadline=None)
+@given(grids(), floors, st.integers(0, 2**31 - 1))
+def test_tiles_that_agree_blend_to_the_whole_image(grid: TileGrid, floor: float, seed: int) -> None:
+    # A pointwise model: every tile predicts the same logits for the same pixel.
+    field = np.random.default_rng(seed).normal(0, 3, (3, grid.height, grid.width)).astype(np.float32)
+    logits, labels, _, _ = blend(grid, 3, lambda t, h, w: field[:, t.y : t.y + h, t.x : t.x + w], floor)
+    np.testing.assert_allclose(logits, field, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(labels, np.argmax(logits, axis=0))
+
+
+@settings(max_examples=60, deadline=None)
+@given(grids(max_side=90), floors)
+def test_blend_is_the_taper_weighted_mean_of_the_tiles(grid: TileGrid, floor: float) -> None:
+    # Each tile predicts its own constant (its index): the blend must be sum(w_t * t) / sum(w_t).
+    tiles = list(grid)
+    num = np.zeros((grid.height, grid.width), np.float64)
+    den = np.zeros_like(num)
+    taper = taper_2d(grid.tile_px, floor).astype(np.float64)
+    for t in tiles:
+        h, w = min(t.size, grid.height - t.y), min(t.size, grid.width - t.x)
+        num[t.y : t.y + h, t.x : t.x + w] += taper[:h, :w] * t.index
+        den[t.y : t.y + h, t.x : t.x + w] += taper[:h, :w]
+    logits, _, _, _ = blend(grid, 1, lambda t, h, w: np.full((1, h, w), t.index, np.float32), floor)
+    np.testing.assert_allclose(logits[0], num / den, rtol=1e-4, atol=1e-4)
+
+
+@settings(max_examples=200, deadline=None)
+@given(grids(), floors, st.data())
+def test_weight_sum_matches_brute_force(grid: TileGrid, floor: float, data: st.DataObject) -> None:
+    starts = grid.row_starts
+    lo = data.draw(st.integers(0, grid.height - 1))
+    hi = data.draw(st.integers(lo + 1, grid.height))
+    brute = np.zeros(grid.height, np.float64)
+    taper = taper_1d(grid.tile_px, floor)
+    for s in starts:
+        end = min(s + grid.tile_px, grid.height)
+        brute[s:end] += taper[: end - s]
+    got = weight_sum_1d(starts, grid.tile_px, floor, grid.height, lo, hi)
+    np.testing.assert_allclose(got, brute[lo:hi], rtol=1e-5)
+    assert (got > 0).all(), "every pixel of the scene is covered with a positive weight"
+
+
+def test_live_size_does_not_depend_on_the_scene_height() -> None:
+    sizes = []
+    for height in (100, 1000, 10_000):
+        grid = TileGrid(height, 300, 64, 16)
+        acc = LogitAccumulator(5, height, 300, 64, grid.row_starts, grid.col_starts, 64, 0.1)
+        sizes.append((acc.nbytes, acc.capacity_rows))
+    assert sizes[0] == sizes[1] == sizes[2]
+    assert sizes[0][1] == 64
+
+
+def test_rows_no_tile_touched_come_out_invalid() -> None:
+    grid = TileGrid(200, 120, 64, 16)  # rows 0, 48, 96, 136
+    skipped_row = 1  # tiles at y=48 hold no valid pixel and are never predicted
+
+    def skip(tile: Tile) -> bool:
+        return tile.row == skipped_row
+
+    valid = np.ones((200, 120), bool)
+    valid[48:112] = False  # the rows that only the skipped tiles cover, plus some covered by others
+    logits, labels, valid_out, _ = blend(
+        grid, 2, lambda t, h, w: np.ones((2, h, w), np.float32), 0.1, valid=valid, skip=skip
+    )
+    np.testing.assert_array_equal(valid_out, valid)
+    # Rows 64..96 lie only in the skipped tiles: no logits were added, nothing is valid there.
+    assert not valid_out[64:96].any()
+
+
+def test_validity_is_the_union_over_tiles() -> None:
+    grid = TileGrid(40, 40, 32, 8)  # 0, 8 on both axes: every pixel seen by up to four tiles
+    valid = np.random.default_rng(1).random((40, 40)) > 0.3
+    _, _, valid_out, _ = blend(grid, 2, lambda t, h, w: np.zeros((2, h, w), np.float32), 0.2, valid=valid)
+    np.testing.assert_array_equal(valid_out, valid)
+
+
+def test_adding_outside_the_held_band_is_refused() -> None:
+    grid = TileGrid(300, 64, 64, 16)
+    acc = LogitAccumulator(2, 300, 64, 64, grid.row_starts, grid.col_starts, 64, 0.1)
+    ones = np.ones((2, 64, 64), np.float32)
+    taper = taper_2d(64, 0.1)
+    with pytest.raises(AssertionError, match="outside the held band"):
+        acc.add(48, 0, ones, taper, np.ones((64, 64), bool))  # rows 48..112 but only 0..64 held
+    list(acc.pop_until(100))
+    with pytest.raises(AssertionError, match="outside the held band"):
+        acc.add(48, 0, ones, taper, np.ones((64, 64), bool))  # rows above the band are gone
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(1, 12), st.integers(1, 40), st.integers(1, 40), st.integers(0, 2**31 - 1), st.booleans())
+def test_argmax_classes_is_argmax(k: int, h: int, w: int, seed: int, ties: bool) -> None:
+    rng = np.random.default_rng(seed)
+    scores = (
+        rng.integers(-3, 4, (k, h, w)).astype(np.float32)
+        if ties
+        else rng.normal(size=(k, h, w)).astype(np.float32)
+    )
+    labels = argmax_classes(scores)
+    assert labels.dtype == np.uint8
+    np.testing.assert_array_equal(labels, np.argmax(scores, axis=0))  # ties go to the first class, as argmax
+
+
+def test_argmax_classes_past_256_classes() -> None:
+    scores = np.zeros((300, 2, 3), np.float32)
+    scores[299, 0, 0] = 1.0
+    scores[3, 1, 2] = 1.0
+    labels = argmax_classes(scores)
+    assert labels.dtype == np.uint16
+    np.testing.assert_array_equal(labels, np.argmax(scores, axis=0))
+
+
+def test_finished_rows_labels_follow_the_blended_logits() -> None:
+    grid = TileGrid(70, 50, 32, 8)
+    field = np.random.default_rng(3).normal(size=(4, 70, 50)).astype(np.float32)
+    logits, labels, _, _ = blend(grid, 4, lambda t, h, w: field[:, t.y : t.y + h, t.x : t.x + w], 0.1)
+    np.testing.assert_array_equal(labels, np.argmax(field, axis=0))
