@@ -56,6 +56,9 @@ def _user_errors(quiet: bool = False) -> Iterator[None]:
             yield
         except GeosegError as err:
             raise click.ClickException(str(err)) from None
+        except OSError as err:  # disk full, permission denied: the environment, not a bug
+            where = f"{err.filename}: " if err.filename else ""
+            raise click.ClickException(f"{where}{err.strerror or err}") from None
         except KeyboardInterrupt:
             click.echo("Interrupted; no output was written.", err=True)
             raise SystemExit(130) from None

@@ -229,12 +229,21 @@ class SceneReader:
         elif scene.mask_mode == "alpha":
             valid = self._src.read(scene.alpha_band, window=window) > 0
         elif scene.mask_mode == "nodata" and scene.nodata is not None and not np.isnan(scene.nodata):
-            valid = ~np.all(raw == np.asarray(scene.nodata).astype(raw.dtype), axis=0)
+            valid = ~np.all(raw == _as_pixel_value(scene.nodata, raw.dtype), axis=0)
         else:
             valid = np.ones(raw.shape[1:], bool)
         if raw.dtype.kind == "f":
             valid &= ~np.any(np.isnan(raw), axis=0)
         return valid
+
+
+def _as_pixel_value(value: float, dtype: np.dtype[Any]) -> Any:
+    """``value`` as stored in pixels of ``dtype``: the float32 rounding of a float64 nodata,
+    or ``value`` itself where no integer pixel can equal it (fractional or out of range)."""
+    if dtype.kind == "f":
+        return np.asarray(value).astype(dtype)
+    info = np.iinfo(dtype)
+    return dtype.type(value) if float(value).is_integer() and info.min <= value <= info.max else value
 
 
 def output_dtype(classes: Sequence[ClassSpec], output_nodata: int) -> str:

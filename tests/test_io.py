@@ -476,3 +476,27 @@ def test_writer_error_names_the_destination(tmp_path: Path, make_scene, tiny_met
 def test_scene_paths_accept_pathlike(make_scene, tiny_metadata) -> None:
     path = make_scene()
     assert open_scene(os.fspath(path), tiny_metadata()).path == open_scene(path, tiny_metadata()).path
+
+
+def test_fractional_nodata_override_matches_no_integer_pixel(make_scene, tiny_metadata) -> None:
+    data = np.full((4, 16, 16), 7, np.uint16)
+    data[:, :, :4] = 0
+    path = make_scene(data=data)
+    meta = tiny_metadata()
+    for value, expected_invalid_columns in ((0.5, 0), (0.0, 4), (-1.0, 0), (70000.0, 0)):
+        scene = open_scene(path, meta, nodata=value)
+        with reader_for(scene, meta) as reader:
+            _, valid, _, _ = reader.read_tile(0, 0, 16)
+        assert (~valid).sum() == expected_invalid_columns * 16, value
+
+
+def test_float32_nodata_is_compared_as_stored(make_scene, tiny_metadata) -> None:
+    # -9999.9 is not exact in float32: the pixels hold float32(-9999.9), the file's nodata the double.
+    data = np.full((4, 16, 16), 0.25, np.float32)
+    data[:, :3] = np.float32(-9999.9)
+    path = make_scene(data=data, dtype="float32", nodata=-9999.9)
+    meta = tiny_metadata()
+    scene = open_scene(path, meta)
+    with reader_for(scene, meta) as reader:
+        _, valid, _, _ = reader.read_tile(0, 0, 16)
+    assert (~valid).sum() == 3 * 16

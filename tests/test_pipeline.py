@@ -724,3 +724,11 @@ def test_cuda_matches_cpu(tmp_path: Path, make_scene, tiny_metadata, pointwise_m
     a, b = check_output(cpu, src, class_ids={1, 2, 3}), check_output(gpu, src, class_ids={1, 2, 3})
     agreement = (a == b).mean()
     assert agreement == 1.0 if precision == "fp32" else agreement > 0.95
+
+
+def test_output_nodata_equal_to_a_class_id_is_refused(tmp_path: Path, make_scene, tiny_loaded_model) -> None:
+    src = make_scene(width=40, height=40)
+    dst = tmp_path / "out.tif"
+    with pytest.raises(ConfigError, match="output_nodata 2 is also a class id"):
+        predict_scene(src, dst, PredictConfig(output_nodata=2), model=tiny_loaded_model)
+    assert not dst.exists()
