@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from rasterio.enums import ColorInterp, MaskFlags
 from rasterio.errors import RasterioError, RasterioIOError
 from rasterio.windows import Window
 
+from . import _remote
 from .errors import GeoreferenceWarning, InputError, OutputError
 from .modelfile import ClassSpec, ModelMetadata
 
@@ -49,6 +51,12 @@ class Scene:
     mask_mode: str  # "none", "nodata" (value per band), "dataset" (internal mask or alpha) or "alpha"
     band_source: str  # how band_indexes were chosen, for the log
     alpha_band: int | None = None  # the band labelled alpha, read as the mask in "alpha" mode
+    name: str | None = None  # the source as the user named it, when ``path`` is not that (VRT text)
+
+    @property
+    def label(self) -> str:
+        """The scene as messages name it."""
+        return self.name or _remote.describe(self.path)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -57,14 +65,18 @@ class Scene:
 
 
 def _open(path: str) -> rasterio.io.DatasetReader:
-    if "://" not in path and not path.startswith("/vsi") and not Path(path).exists():
-        raise InputError(f"{path}: file not found")
+    label = _remote.describe(path)
+    is_vrt_text = path.lstrip().startswith("<")
+    if "://" not in path and not path.startswith("/vsi") and not is_vrt_text and not Path(path).exists():
+        raise InputError(f"{label}: file not found")
     try:
         return rasterio.open(path)
     except RasterioIOError as err:
-        raise InputError(f"{path}: not a raster GDAL can read ({_gdal_message(err)})") from err
+        # NOTE: a remote open fails mostly on HTTP (403, 404, 503), rarely on the format
+        what = "cannot open" if _remote.is_remote(path) else "not a raster GDAL can read"
+        raise InputError(f"{label}: {what} ({_gdal_message(err)})") from err
     except RasterioError as err:
-        raise InputError(f"{path}: cannot open ({_gdal_message(err)})") from err
+        raise InputError(f"{label}: cannot open ({_gdal_message(err)})") from err
 
 
 def open_scene(
@@ -72,15 +84,18 @@ def open_scene(
     metadata: ModelMetadata,
     bands: Sequence[int] | None = None,
     nodata: float | None = None,
+    *,
+    name: str | None = None,
 ) -> Scene:
     """Check a scene against a model before any inference.
 
     Args:
-        path: Any path or URI rasterio opens.
+        path: Any path GDAL opens (a /vsi path, VRT XML text), or a URI rasterio opens.
         metadata: The model the scene will be fed to.
         bands: 1-based raster bands for the model's inputs, in model order; ``None`` matches
             band descriptions to the model's band names, then falls back to the model's defaults.
         nodata: A value that marks invalid pixels, overriding the file's own nodata value.
+        name: The scene in messages (the user's SRC where ``path`` is VRT text or a /vsi path).
 
     Returns:
         The checked scene.
@@ -90,23 +105,24 @@ def open_scene(
             unsupported dtype. The message names the file.
     """
     path = os.fspath(path)
+    name = name or _remote.describe(path)
     with _open(path) as src:
         dtypes = set(src.dtypes)
         kinds = {np.dtype(d).kind for d in dtypes}
         if not kinds <= set(SUPPORTED_KINDS):
-            raise InputError(f"{path}: unsupported data type {', '.join(sorted(dtypes))} (need integer or float bands)")
-        band_indexes, band_source = _choose_bands(path, src, metadata, bands)
+            raise InputError(f"{name}: unsupported data type {', '.join(sorted(dtypes))} (need integer or float bands)")
+        band_indexes, band_source = _choose_bands(name, src, metadata, bands)
         mask_mode, file_nodata = _mask_mode(src, band_indexes)
         if nodata is not None:
             mask_mode, file_nodata = "nodata", float(nodata)
         if src.crs is None:
             warnings.warn(
-                f"{path}: no CRS; predicting in pixel space and writing the output without a CRS",
+                f"{name}: no CRS; predicting in pixel space and writing the output without a CRS",
                 GeoreferenceWarning,
                 stacklevel=2,
             )
         elif not src.transform.is_rectilinear:
-            log.info("%s: rotated transform; the output copies it unchanged", path)
+            log.info("%s: rotated transform; the output copies it unchanged", name)
         return Scene(
             path=path,
             width=src.width,
@@ -120,6 +136,7 @@ def open_scene(
             mask_mode=mask_mode,
             band_source=band_source,
             alpha_band=_alpha_band(src) if mask_mode == "alpha" else None,
+            name=name,
         )
 
 
@@ -178,6 +195,7 @@ class SceneReader:
     def __init__(self, scene: Scene, multiplier: Sequence[float], bias: Sequence[float]):
         self.scene = scene
         self._src = _open(scene.path)
+        self._remote = _remote.is_remote(scene.path)
         self._mul = np.asarray(multiplier, np.float32)[:, None, None]
         self._bias = np.asarray(bias, np.float32)[:, None, None]
 
@@ -196,22 +214,43 @@ class SceneReader:
     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_], int, int]:
         """Read the ``size_px`` square tile whose top-left pixel is (``y``, ``x``).
 
+        A remote scene's read that fails in a way that looks transient (see
+        :func:`geoseg._remote.looks_transient`) is tried again, up to ``READ_ATTEMPTS`` times
+        with doubling waits, on a reopened dataset, on top of GDAL's own retries of each HTTP
+        request.
+
         Returns:
             ``(pixels (C, size, size) float32, valid (size, size) bool, h, w)``, where ``h, w``
             is the part inside the scene (the rest is reflection padding, marked invalid).
 
         Raises:
-            InputError: GDAL failed to read the window (truncated or corrupt file).
+            InputError: GDAL failed to read the window (truncated or corrupt file, or a remote
+                read that kept failing). The message names the scene and gives GDAL's message.
         """
         scene = self.scene
         h = min(size_px, scene.height - y)
         w = min(size_px, scene.width - x)
         window = Window(x, y, w, h)
-        try:
-            raw = self._src.read(scene.band_indexes, window=window)
-            valid = self._valid_mask(raw, window)
-        except RasterioError as err:
-            raise InputError(f"{scene.path}: read failed at rows {y}-{y + h}, cols {x}-{x + w} ({_gdal_message(err)})") from err
+        attempts = _remote.READ_ATTEMPTS if self._remote else 1
+        for attempt in range(1, attempts + 1):
+            with _remote.http_messages() as http:
+                try:
+                    raw = self._src.read(scene.band_indexes, window=window)
+                    valid = self._valid_mask(raw, window)
+                    break
+                except RasterioError as err:
+                    message = "; ".join([*dict.fromkeys(http), _gdal_message(err)])
+                    transient = _remote.looks_transient(f"{message} {_remote.error_text(err)}")
+                    if attempt == attempts or not transient:
+                        tries = f" after {attempt} attempts" if attempt > 1 else ""
+                        where = f"rows {y}-{y + h}, cols {x}-{x + w}"
+                        raise InputError(f"{scene.label}: read failed at {where}{tries} ({message})") from err
+            delay = _remote.READ_BACKOFF_S * 2 ** (attempt - 1)
+            log.warning("%s: read failed (%s); trying again in %g s (attempt %d of %d)",
+                        scene.label, message, delay, attempt + 1, attempts)
+            _remote.close_forgetting_bytes(self._src)  # else the retry meets the same cut-short bytes
+            time.sleep(delay)
+            self._src = _open(scene.path)
         pixels = raw.astype(np.float32)
         pixels *= self._mul
         pixels += self._bias

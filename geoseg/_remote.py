@@ -1,0 +1,154 @@
+"""Network paths for GDAL: URIs mapped to /vsi paths; transient read failures told from lasting ones."""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+#: URI schemes and the GDAL virtual file system that reads them in ranges.
+URI_PREFIXES = {
+    "https://": "/vsicurl/https://",
+    "http://": "/vsicurl/http://",
+    "s3://": "/vsis3/",
+    "gs://": "/vsigs/",
+    "az://": "/vsiaz/",
+}
+#: GDAL virtual file systems that go over the network (also when nested, e.g. /vsizip//vsicurl/...).
+NETWORK_VSI = ("/vsicurl", "/vsis3", "/vsigs", "/vsiaz", "/vsiadls", "/vsioss", "/vsiswift", "/vsiwebhdfs")
+
+#: Tries of one window read from a remote scene before the scene fails.
+READ_ATTEMPTS = 4
+#: Seconds before the second try; doubled before each further one (1, 2, 4 s by default).
+READ_BACKOFF_S = 1.0
+
+# What GDAL says when bytes did not arrive (a failed range request leaves the TIFF reader short of
+# bytes), or when HTTP or curl failed. Decoding errors (corrupt data) are not in the list.
+_TRANSIENT_RE = re.compile(
+    r"got 0 bytes|read error|timed? ?out|timeout|connection|curl|could not resolve|ssl|"
+    r"HTTP (?:error|response) code: (?:5\d\d|429)",
+    re.IGNORECASE,
+)
+# A status that asking again will not change: bad credentials, missing object.
+_LASTING_HTTP_RE = re.compile(r"HTTP (?:error|response) code: (?:40[0-4]|410)\b", re.IGNORECASE)
+_HTTP_MESSAGE_RE = re.compile(r"(HTTP (?:error|response) code: \d+|curl error: [^.]*)", re.IGNORECASE)
+
+
+def gdal_path(src: str) -> str:
+    """The path GDAL opens for ``src``.
+
+    ``https://`` and ``http://`` -> ``/vsicurl/``, ``s3://`` -> ``/vsis3/``, ``gs://`` -> ``/vsigs/``,
+    ``az://`` -> ``/vsiaz/``; anything else unchanged (local paths, /vsi paths).
+    """
+    for prefix, vsi in URI_PREFIXES.items():
+        if src.startswith(prefix):
+            return vsi + src[len(prefix) :]
+    return src
+
+
+def is_remote(path: str) -> bool:
+    """Whether reading ``path`` (a GDAL path, a URI, or VRT XML text) goes over the network."""
+    return any(vsi in path for vsi in NETWORK_VSI) or any(p in path for p in URI_PREFIXES)
+
+
+def display_name(src: str) -> str:
+    """``src`` as shown in messages and tags.
+
+    URLs lose their query string and user info, which may hold credentials (a presigned URL's
+    signature, ``user:password@``).
+    """
+    if "://" not in src:
+        return src
+    head, sep, url = src.rpartition("/vsicurl/") if "/vsicurl/" in src else ("", "", src)
+    parts = urlsplit(url)
+    if not parts.scheme or not parts.netloc:
+        return src
+    netloc = parts.netloc.rpartition("@")[2]
+    return head + sep + urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def close_forgetting_bytes(dataset: Any) -> None:
+    """Close ``dataset`` and drop the bytes GDAL keeps from the network for the files it read.
+
+    GDAL caches fetched ranges process-wide, including what arrived of a transfer cut short,
+    so trying a read again would meet the same short bytes. ``CPL_VSIL_CURL_NON_CACHED`` makes
+    GDAL drop a file's cached bytes when a handle on it closes.
+    """
+    import rasterio
+
+    with rasterio.Env(CPL_VSIL_CURL_NON_CACHED=":".join(f"{vsi}/" for vsi in NETWORK_VSI)):
+        dataset.close()
+
+
+def error_text(err: BaseException) -> str:
+    """The messages of ``err`` and of the errors that caused it, joined: GDAL's outermost read
+    error ("IReadBlock failed") hides why (the cause says "Read error ... got 0 bytes")."""
+    texts = []
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        texts.append(str(current))
+        current = current.__cause__ or current.__context__
+    return " | ".join(texts)
+
+
+def looks_transient(message: str) -> bool:
+    """Whether a failed read is worth trying again.
+
+    Yes for HTTP 5xx or 429, a timeout, a curl or connection error, or bytes that did not
+    arrive; no for decoding errors. GDAL does not report the HTTP status of a failed range
+    read, so a missing object (404) mid-scene looks the same as a dropped connection and is
+    tried again too, unless a 4xx status was reported.
+    """
+    return bool(_TRANSIENT_RE.search(message)) and not _LASTING_HTTP_RE.search(message)
+
+
+class _HttpMessages(logging.Handler):
+    """Keeps the HTTP and curl messages GDAL reports in one thread.
+
+    GDAL reports an HTTP failure as a warning ("HTTP error code: 503 - URL. Retrying again in
+    0.5 secs"), which rasterio logs to ``rasterio._err``; the read error raised afterwards only
+    says that bytes were missing. Collecting the warning lets the final message say why.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.thread = threading.get_ident()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread == self.thread:
+            match = _HTTP_MESSAGE_RE.search(record.getMessage())
+            if match:
+                self.messages.append(match.group(1))
+
+
+@contextmanager
+def http_messages() -> Iterator[list[str]]:
+    """Collect, in a list, the HTTP and curl messages GDAL logs in this thread inside the block."""
+    handler = _HttpMessages()
+    logger = logging.getLogger("rasterio._err")
+    logger.addHandler(handler)
+    try:
+        yield handler.messages
+    finally:
+        logger.removeHandler(handler)
+
+
+def describe(path: str) -> str:
+    """A GDAL path as the user would name it in a message.
+
+    ``/vsicurl/https://...`` as the URL (without its query), ``/vsis3/b/k`` as ``s3://b/k``,
+    VRT XML text as "VRT band stack".
+    """
+    if path.lstrip().startswith("<"):
+        return "VRT band stack"
+    for prefix, vsi in URI_PREFIXES.items():
+        if path.startswith(vsi):
+            return display_name(prefix + path[len(vsi) :])
+    return display_name(path)

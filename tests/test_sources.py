@@ -1,0 +1,754 @@
+"""Inputs as archives hold them: COGs over HTTP, one file per band, STAC Items, transient failures.
+
+Real scenes (crops of the shared Zion Landsat 8 scene, written as COGs) are served by an HTTP
+server on 127.0.0.1 started by the test; it honours Range requests (single and multi-range),
+counts the bytes and requests it serves, and can be told to fail requests with 503. GDAL runs
+with geoseg's own configuration (``gdal_options``); only the retry delays are shortened, through
+the environment variables that override them. The server runs in this process: open remote files
+only inside geoseg's ``rasterio.Env`` (GDAL's directory listing, which it turns off, blocks while
+holding the GIL the server needs).
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import logging
+import os
+import re
+import shutil
+import threading
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import rasterio
+from affine import Affine
+from rasterio.windows import Window
+
+import geoseg._remote
+from geoseg.cli import main
+from geoseg.config import PredictConfig
+from geoseg.errors import ConfigError, InputError, OutputError
+from geoseg.modelfile import Normalization, load_model
+from geoseg.pipeline import GDAL_CACHE_MB, block_cache_bytes, gdal_options, plan_grid, predict_scene
+from geoseg.sources import is_stac_item, parse_assets, resolve_source, split_source
+
+ZION = Path(__file__).resolve().parents[2] / "shared" / "data" / "zion-landsat8-nlcd" / "image_rgbn.tif"
+BANDS = ("red", "green", "blue", "nir")
+CROP = Window(0, 0, 192, 256)  # cols, rows of the Zion scene used for most tests
+HEADER_BYTES = 32768  # GDAL_INGESTED_BYTES_AT_OPEN in geoseg's options
+CHUNK_BYTES = 16384  # /vsicurl/ reads in chunks of this size (CPL_VSIL_CURL_CHUNK_SIZE)
+
+
+# --- an HTTP server with Range support, counting and failing on demand -------------------------------
+
+
+class RangeServer:
+    """Serves one folder over HTTP/1.1 on 127.0.0.1 with byte ranges; counts and fails on demand."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.lock = threading.Lock()
+        self.bytes_served: dict[str, int] = {}
+        self.requests: list[tuple[str, str, str | None]] = []
+        self._fail_left = 0  # requests still to fail; -1: all
+        self._fail_from = 0  # only requests whose first byte is at or after this offset
+        self._fail_status: int | None = 503  # None: cut the answer short and close the connection
+        self.failed = 0  # requests answered with 503
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_HEAD(self) -> None:
+                server._serve(self, body=False)
+
+            def do_GET(self) -> None:
+                server._serve(self, body=True)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/{name}"
+
+    def fail(self, count: int = -1, from_offset: int = 0, status: int | None = 503) -> None:
+        """Fail the next ``count`` requests (-1: all) that start at ``from_offset`` or later.
+
+        With ``status`` (503) as the answer, or, with ``None``, by closing the connection halfway
+        through the body (as a reset connection does).
+        """
+        with self.lock:
+            self._fail_left, self._fail_from, self._fail_status = count, from_offset, status
+
+    def served(self, name: str) -> int:
+        with self.lock:
+            return self.bytes_served.get(name, 0)
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def _serve(self, handler: http.server.BaseHTTPRequestHandler, body: bool) -> None:
+        name = handler.path.split("?")[0].lstrip("/")
+        path = self.root / name
+        size = path.stat().st_size if path.is_file() else 0
+        header = handler.headers.get("Range")
+        ranges = _parse_ranges(header, size) if header and size else None
+        first = ranges[0][0] if ranges else 0
+        with self.lock:
+            self.requests.append((handler.command, name, header))
+            fail = self._fail_left != 0 and first >= self._fail_from
+            if fail and self._fail_left > 0:
+                self._fail_left -= 1
+            self.failed += fail
+        if (fail and self._fail_status) or not path.is_file():
+            handler.send_response(self._fail_status if fail else 404)
+            handler.send_header("Content-Length", "0")
+            handler.end_headers()
+            return
+        data = path.read_bytes()
+        headers = {"Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"}
+        if not ranges:
+            status, payload = 200, data
+        elif len(ranges) == 1:
+            (a, b), status = ranges[0], 206
+            payload = data[a : b + 1]
+            headers["Content-Range"] = f"bytes {a}-{b}/{size}"
+        else:  # a multi-range request: one multipart/byteranges answer
+            status, boundary = 206, "geoseg-test-boundary"
+            payload = b"".join(
+                f"--{boundary}\r\nContent-Type: application/octet-stream\r\n"
+                f"Content-Range: bytes {a}-{b}/{size}\r\n\r\n".encode() + data[a : b + 1] + b"\r\n"
+                for a, b in ranges
+            ) + f"--{boundary}--\r\n".encode()
+            headers["Content-Type"] = f"multipart/byteranges; boundary={boundary}"
+        handler.send_response(status)
+        for key, value in headers.items():
+            handler.send_header(key, value)
+        handler.send_header("Content-Length", str(len(payload)))
+        handler.end_headers()
+        if not body:
+            return
+        if fail:  # without a status: half the body, then the connection drops
+            handler.wfile.write(payload[: len(payload) // 2])
+            handler.close_connection = True
+            return
+        handler.wfile.write(payload)
+        with self.lock:
+            sent = sum(b - a + 1 for a, b in ranges or [(0, size - 1)])
+            self.bytes_served[name] = self.bytes_served.get(name, 0) + sent
+
+
+def _parse_ranges(header: str, size: int) -> list[tuple[int, int]]:
+    ranges = []
+    for part in header.removeprefix("bytes=").split(","):
+        start, _, end = part.strip().partition("-")
+        if not start:  # a suffix: the last N bytes
+            a, b = max(size - int(end), 0), size - 1
+        else:
+            a, b = int(start), min(int(end) if end else size - 1, size - 1)
+        ranges.append((a, b))
+    return ranges
+
+
+# --- fixtures ------------------------------------------------------------------------------------------
+
+
+def write_cog(
+    path: Path, data: np.ndarray, profile: dict[str, Any], blocksize: int = 128, **options: Any
+) -> Path:
+    """Write ``data`` (C, H, W) as a deflate COG."""
+    cog = {
+        "driver": "COG",
+        "count": data.shape[0],
+        "height": data.shape[1],
+        "width": data.shape[2],
+        "dtype": data.dtype.name,
+        "crs": profile["crs"],
+        "transform": profile["transform"],
+        "nodata": profile.get("nodata"),
+        "blocksize": blocksize,
+        "compress": "deflate",
+        **options,
+    }
+    with rasterio.open(path, "w", **cog) as dst:
+        dst.write(data)
+    return path
+
+
+@pytest.fixture(scope="session")
+def archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder as an archive holds a scene: a 4-band COG, one COG per band, and a large COG.
+
+    ``scene.tif``: the 192 x 256 px crop, 4 bands, 128 px blocks; ``red.tif`` ... ``nir.tif``: its
+    bands, one file each; ``big.tif``: the whole 1128 x 1428 px scene, 128 px blocks, no overviews.
+    """
+    if not ZION.is_file():
+        pytest.skip(f"shared data not found at {ZION}")
+    folder = tmp_path_factory.mktemp("archive")
+    with rasterio.open(ZION) as src:
+        profile = src.profile
+        full = src.read()
+        crop = src.read(window=CROP)
+        crop_profile = profile | {"transform": src.window_transform(CROP)}
+    write_cog(folder / "scene.tif", crop, crop_profile)
+    for i, band in enumerate(BANDS):
+        write_cog(folder / f"{band}.tif", crop[i : i + 1], crop_profile)
+    write_cog(folder / "big.tif", full, profile, blocksize=128, overviews="NONE")
+    return folder
+
+
+@pytest.fixture
+def server(archive: Path, tmp_path: Path) -> Iterator[RangeServer]:
+    """The archive (copied, so a test may add files) served on a fresh port (GDAL caches by URL)."""
+    root = tmp_path / "served"
+    shutil.copytree(archive, root)
+    srv = RangeServer(root)
+    yield srv
+    srv.close()
+
+
+@pytest.fixture
+def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shorter waits between retries: GDAL's through its environment variable, geoseg's back-off."""
+    monkeypatch.setenv("GDAL_HTTP_RETRY_DELAY", "0.01")
+    monkeypatch.setattr(geoseg._remote, "READ_BACKOFF_S", 0.01)
+
+
+def predict(src: Any, dst: Path, model: Any, **kwargs: Any) -> np.ndarray:
+    """predict_scene on the CPU; returns the labels."""
+    predict_scene(src, dst, PredictConfig(device="cpu"), model=model, **kwargs)
+    with rasterio.open(dst) as out:
+        return out.read(1)
+
+
+def assert_same_output(a: Path, b: Path) -> None:
+    with rasterio.open(a) as x, rasterio.open(b) as y:
+        assert (x.crs, x.transform, x.shape) == (y.crs, y.transform, y.shape)
+        assert np.array_equal(x.read(), y.read())
+
+
+def data_offset(path: Path) -> int:
+    """Where the first pixel block starts in a (COG) GeoTIFF: everything before is header."""
+    with rasterio.open(path) as src:
+        rows, cols = src.block_shapes[0]
+        return min(
+            int(src.get_tag_item(f"BLOCK_OFFSET_{x}_{y}", "TIFF", bidx=1))
+            for y in range(-(-src.height // rows))
+            for x in range(-(-src.width // cols))
+        )
+
+
+# --- SRC parsing ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("src", "gdal", "name"),
+    [
+        ("https://host/a/b.tif", "/vsicurl/https://host/a/b.tif", "https://host/a/b.tif"),
+        ("http://h/b.tif?X-Amz-Signature=a", "/vsicurl/http://h/b.tif?X-Amz-Signature=a", "http://h/b.tif"),
+        ("s3://bucket/key/b.tif", "/vsis3/bucket/key/b.tif", "s3://bucket/key/b.tif"),
+        ("gs://bucket/b.tif", "/vsigs/bucket/b.tif", "gs://bucket/b.tif"),
+        ("/vsizip/x.zip/b.tif", "/vsizip/x.zip/b.tif", "/vsizip/x.zip/b.tif"),
+        ("scene.tif", "scene.tif", "scene.tif"),
+    ],
+)
+def test_uris_map_to_gdal_paths(tiny_metadata, src: str, gdal: str, name: str) -> None:
+    resolved = resolve_source(src, tiny_metadata())
+    assert (resolved.path, resolved.name, resolved.files) == (gdal, name, (src,))
+    assert "Signature" not in resolved.tag
+
+
+def test_source_lists_and_stac_detection(tmp_path: Path) -> None:
+    assert split_source("a.tif,b.tif, c.tif") == ["a.tif", "b.tif", "c.tif"]
+    assert split_source(["a.tif", Path("b.tif")]) == ["a.tif", "b.tif"]
+    assert split_source("https://h/x.tif?bbox=1,2") == ["https://h/x.tif?bbox=1,2"]  # a query may hold commas
+    odd = tmp_path / "a,b.tif"
+    odd.write_bytes(b"")
+    assert split_source(str(odd)) == [str(odd)]  # an existing file is never split
+    with pytest.raises(InputError, match="empty path"):
+        split_source("a.tif,,b.tif")
+    assert is_stac_item("https://h/items/S2A.json?token=1") and is_stac_item("item.JSON")
+    assert not is_stac_item("scene.tif")
+    assert parse_assets("red=B04, green=B03") == {"red": "B04", "green": "B03"}
+    assert parse_assets("B04,B03") == ["B04", "B03"]
+    with pytest.raises(ConfigError, match="not both"):
+        parse_assets("red=B04,B03")
+
+
+def test_gdal_options_for_remote_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in ("GDAL_CACHEMAX", "GDAL_HTTP_MAX_RETRY"):
+        monkeypatch.delenv(key, raising=False)
+    options = gdal_options()
+    assert options["GDAL_DISABLE_READDIR_ON_OPEN"] == "EMPTY_DIR"
+    # rasterio passes an integer to GDALSetCacheMax64, in bytes: 128 would be 128 bytes
+    assert options["GDAL_CACHEMAX"] == GDAL_CACHE_MB << 20
+    assert options["GDAL_HTTP_MAX_RETRY"] >= 3 and options["GDAL_HTTP_RETRY_DELAY"] > 0
+    monkeypatch.setenv("GDAL_HTTP_MAX_RETRY", "1")
+    assert "GDAL_HTTP_MAX_RETRY" not in gdal_options()  # the environment wins
+
+
+def test_block_cache_holds_the_tile_rows_in_flight(make_scene, tiny_metadata) -> None:
+    from geoseg.io import open_scene
+
+    meta = tiny_metadata()
+    scene = open_scene(make_scene(width=96, height=80), meta)
+    assert block_cache_bytes(scene, plan_grid(scene, meta, PredictConfig())) == GDAL_CACHE_MB << 20
+    wide = type(scene)(**{**scene.__dict__, "width": 40_000, "height": 40_000})
+    grid = plan_grid(wide, meta, PredictConfig(tile=512, overlap=64))
+    # 2 x 40000 px x (512 + 448 + 2 x 1024 rows) x 4 bands x 2 bytes, well above the floor
+    assert block_cache_bytes(wide, grid, block_rows=1024) == min(2 * 40_000 * 3008 * 4 * 2, _memory() // 4)
+
+
+def _memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+# --- remote COGs ---------------------------------------------------------------------------------------
+
+
+def test_http_cog_equals_local_and_reads_each_byte_once(
+    tmp_path: Path, archive: Path, server: RangeServer, tiny_loaded_model
+) -> None:
+    local = tmp_path / "local.tif"
+    remote = tmp_path / "remote.tif"
+    predict(archive / "scene.tif", local, tiny_loaded_model)
+    predict(server.url("scene.tif"), remote, tiny_loaded_model)
+    assert_same_output(local, remote)
+    with rasterio.open(remote) as out:
+        assert out.tags()["GEOSEG_SOURCE"] == "scene.tif"
+    size = (archive / "scene.tif").stat().st_size
+    assert 0 < server.served("scene.tif") <= size  # every block fetched once at most (and no overviews)
+    assert all(r[2] for r in server.requests if r[0] == "GET"), "a GET without Range fetched the whole file"
+
+
+def test_small_window_of_a_big_remote_cog_reads_only_its_blocks(
+    tmp_path: Path, archive: Path, server: RangeServer, tiny_loaded_model
+) -> None:
+    """A VRT cut from a remote COG (as ``gdal_translate -of VRT -srcwin`` writes): only the blocks
+    under the window travel, and the output is georeferenced on the window's grid."""
+    big = archive / "big.tif"
+    window = Window(300, 400, 160, 160)  # touches blocks 2..3 x 3..4 of 128 px
+    with rasterio.open(big) as src:
+        window_transform = src.window_transform(window)
+        pixels = src.read(window=window)
+        profile = src.profile | {"driver": "GTiff", "width": 160, "height": 160}
+        profile["transform"] = window_transform
+        needed = sum(
+            int(src.get_tag_item(f"BLOCK_SIZE_{x}_{y}", "TIFF", bidx=1)) for y in (3, 4) for x in (2, 3)
+        )
+        vrt = aoi_vrt(src, "/vsicurl/" + server.url("big.tif"), window)
+    aoi = tmp_path / "aoi.vrt"
+    aoi.write_text(vrt)
+    crop = tmp_path / "crop.tif"
+    with rasterio.open(crop, "w", **profile) as dst:
+        dst.write(pixels)
+
+    predict(aoi, tmp_path / "remote.tif", tiny_loaded_model)
+    predict(crop, tmp_path / "local.tif", tiny_loaded_model)
+    assert_same_output(tmp_path / "local.tif", tmp_path / "remote.tif")
+    with rasterio.open(tmp_path / "remote.tif") as out:
+        assert out.transform == window_transform
+    served, size = server.served("big.tif"), big.stat().st_size
+    # The header request and the four blocks, in one range per block row. /vsicurl/ rounds ranges
+    # to 16 KB chunks and, reading on past a range's end, doubles the next one (read-ahead): up
+    # to twice the blocks' bytes, measured 819200 for 468060.
+    assert served <= HEADER_BYTES + 2 * needed + 2 * 2 * CHUNK_BYTES
+    assert served < size / 10, f"{served} of {size} bytes read for a window of 2 % of the scene"
+
+
+def aoi_vrt(src: Any, gdal_path: str, window: Window) -> str:
+    t = src.window_transform(window)
+    w, h = window.width, window.height
+    bands = "".join(
+        f'<VRTRasterBand dataType="UInt16" band="{b}"><SimpleSource>'
+        f'<SourceFilename relativeToVRT="0">{gdal_path}</SourceFilename><SourceBand>{b}</SourceBand>'
+        f'<SrcRect xOff="{window.col_off}" yOff="{window.row_off}" xSize="{w}" ySize="{h}"/>'
+        f'<DstRect xOff="0" yOff="0" xSize="{w}" ySize="{h}"/></SimpleSource></VRTRasterBand>'
+        for b in range(1, src.count + 1)
+    )
+    return (
+        f'<VRTDataset rasterXSize="{w}" rasterYSize="{h}"><SRS>{src.crs.to_wkt()}</SRS>'
+        f"<GeoTransform>{', '.join(map(repr, t.to_gdal()))}</GeoTransform>{bands}</VRTDataset>"
+    )
+
+
+def test_vsizip_path(tmp_path: Path, archive: Path, tiny_loaded_model) -> None:
+    archive_zip = tmp_path / "scene.zip"
+    with zipfile.ZipFile(archive_zip, "w") as z:
+        z.write(archive / "scene.tif", "inner/scene.tif")
+    predict(archive / "scene.tif", tmp_path / "local.tif", tiny_loaded_model)
+    predict(f"/vsizip/{archive_zip}/inner/scene.tif", tmp_path / "zip.tif", tiny_loaded_model)
+    assert_same_output(tmp_path / "local.tif", tmp_path / "zip.tif")
+
+
+def test_missing_remote_file_is_one_clear_error(
+    tmp_path: Path, server: RangeServer, tiny_loaded_model
+) -> None:
+    url = server.url("absent.tif")
+    with pytest.raises(InputError) as err:
+        predict(url + "?token=secret", tmp_path / "out.tif", tiny_loaded_model)
+    assert str(err.value).startswith(f"{url}: ")
+    assert "secret" not in str(err.value)
+    assert not (tmp_path / "out.tif").exists()
+
+
+# --- one file per band ---------------------------------------------------------------------------------
+
+
+def test_band_files_over_http_equal_the_four_band_file(
+    tmp_path: Path, archive: Path, server: RangeServer, tiny_loaded_model
+) -> None:
+    predict(archive / "scene.tif", tmp_path / "local.tif", tiny_loaded_model)
+    files = ",".join(server.url(f"{band}.tif") for band in BANDS)
+    predict(files, tmp_path / "stack.tif", tiny_loaded_model)
+    assert_same_output(tmp_path / "local.tif", tmp_path / "stack.tif")
+    with rasterio.open(tmp_path / "stack.tif") as out:
+        assert out.tags()["GEOSEG_SOURCE"] == "red.tif,green.tif,blue.tif,nir.tif"
+    for band in BANDS:  # each file's blocks once at most
+        assert 0 < server.served(f"{band}.tif") <= (archive / f"{band}.tif").stat().st_size
+
+
+def test_band_files_in_another_order_feed_the_model_in_the_order_given(
+    tmp_path: Path, archive: Path, tiny_loaded_model
+) -> None:
+    order = [3, 2, 1, 0]
+    config = PredictConfig(device="cpu", bands=(4, 3, 2, 1))
+    predict_scene(archive / "scene.tif", tmp_path / "b.tif", config, model=tiny_loaded_model)
+    predict([archive / f"{BANDS[i]}.tif" for i in order], tmp_path / "c.tif", tiny_loaded_model)
+    assert_same_output(tmp_path / "b.tif", tmp_path / "c.tif")
+
+
+def shifted(archive: Path, tmp_path: Path, name: str, **changes: Any) -> Path:
+    """A copy of nir.tif with other georeferencing or size."""
+    with rasterio.open(archive / "nir.tif") as src:
+        data = src.read()
+        profile = src.profile | {"driver": "GTiff"}
+    if "size" in changes:
+        h, w = changes.pop("size")
+        data = data[:, :h, :w]
+        profile |= {"height": h, "width": w}
+    profile |= changes
+    with rasterio.open(tmp_path / name, "w", **profile) as dst:
+        dst.write(data)
+    return tmp_path / name
+
+
+@pytest.mark.parametrize(
+    ("changes", "fragments"),
+    [
+        ({"crs": "EPSG:32613"}, ["CRS EPSG:32613 differs from", "red.tif", "EPSG:32612"]),
+        ({"move": (30.0, 0.0)}, ["grid differs from", "red.tif", "origin (301935, 4154085) vs (301905, 415"]),
+        ({"size": (250, 192)}, ["grid differs", ": size 192x250 vs 192x256 px;"]),
+        ({"scale": 2}, ["pixel size 60 x 60 m, coarser than", "red.tif", "30 x 30 m", "--resample bilinear"]),
+    ],
+)
+def test_mismatched_band_files_are_refused_naming_the_file(
+    tmp_path: Path, archive: Path, tiny_loaded_model, changes: dict[str, Any], fragments: list[str]
+) -> None:
+    with rasterio.open(archive / "nir.tif") as src:
+        t = src.transform
+    if "move" in changes:
+        dx, dy = changes.pop("move")
+        changes["transform"] = t @ Affine.translation(dx / t.a, 0)
+    if "scale" in changes:
+        factor = changes.pop("scale")
+        changes["transform"] = t @ Affine.scale(factor)
+        changes["size"] = (256 // factor, 192 // factor)
+    odd = shifted(archive, tmp_path, "odd_nir.tif", **changes)
+    files = [archive / "red.tif", archive / "green.tif", archive / "blue.tif", odd]
+    with pytest.raises(InputError) as err:
+        predict(files, tmp_path / "out.tif", tiny_loaded_model)
+    message = str(err.value)
+    assert message.startswith(f"{odd}: "), message
+    for fragment in fragments:
+        assert fragment in message
+    assert "\n" not in message
+    assert not (tmp_path / "out.tif").exists()
+
+
+def test_coarser_band_is_resampled_onto_the_finest_grid_when_asked(
+    tmp_path: Path, archive: Path, tiny_loaded_model
+) -> None:
+    with rasterio.open(archive / "nir.tif") as src:
+        t = src.transform
+        coarse = src.read(out_shape=(1, 128, 96), resampling=rasterio.enums.Resampling.average)
+        profile = src.profile | {"driver": "GTiff", "width": 96, "height": 128}
+        profile["transform"] = t @ Affine.scale(2)
+    with rasterio.open(tmp_path / "nir60.tif", "w", **profile) as dst:
+        dst.write(coarse)
+    files = [archive / "red.tif", archive / "green.tif", archive / "blue.tif", tmp_path / "nir60.tif"]
+    labels = predict(files, tmp_path / "out.tif", tiny_loaded_model, resample="bilinear")
+    with rasterio.open(tmp_path / "out.tif") as out, rasterio.open(archive / "scene.tif") as ref:
+        assert (out.crs, out.transform, out.shape) == (ref.crs, ref.transform, ref.shape)  # the finest grid
+    assert labels.shape == (256, 192)
+    resolved = resolve_source(files, tiny_loaded_model.metadata, resample="bilinear")
+    with rasterio.open(resolved.path) as stack:
+        nir = stack.read(4)
+    with rasterio.open(archive / "nir.tif") as src:
+        nir_full = src.read(1).astype(float)
+    assert nir.shape == (256, 192)
+    assert np.corrcoef(nir.ravel(), nir_full.ravel())[0, 1] > 0.9  # resampled, not misplaced
+
+
+def test_a_stack_with_more_bands_than_the_model_is_picked_with_bands(
+    tmp_path: Path, archive: Path, tiny_loaded_model
+) -> None:
+    files = [archive / "nir.tif", archive / "scene.tif"]  # 5 bands: n, r, g, b, n
+    predict(archive / "scene.tif", tmp_path / "local.tif", tiny_loaded_model)
+    config = PredictConfig(device="cpu", bands=(2, 3, 4, 1))
+    predict_scene(files, tmp_path / "picked.tif", config, model=tiny_loaded_model)
+    assert_same_output(tmp_path / "local.tif", tmp_path / "picked.tif")
+    message = r"nir.tif,.*scene.tif: band 6 is out of range \(the file has 5 bands\)"
+    with pytest.raises(InputError, match=message):
+        predict_scene(files, tmp_path / "x.tif", config.replace(bands=(2, 3, 4, 6)), model=tiny_loaded_model)
+
+
+# --- STAC Items ----------------------------------------------------------------------------------------
+
+COG_TYPE = "image/tiff; application=geotiff; profile=cloud-optimized"
+
+
+def stac_item(
+    hrefs: dict[str, str], version: str = "1.0.0", raster: dict[str, dict[str, float]] | None = None
+) -> dict[str, Any]:
+    """A STAC Item with one asset per band (keys B04, B03, B02, B08), plus a JPEG 2000 twin of
+    each and a thumbnail, as archives publish them."""
+    keys = {"red": "B04", "green": "B03", "blue": "B02", "nir": "B08"}
+    assets: dict[str, Any] = {"thumbnail": {"href": "thumb.png", "type": "image/png", "roles": ["thumbnail"]}}
+    for band, href in hrefs.items():
+        if version == "1.0.0":
+            bands_field = {"eo:bands": [{"name": keys[band], "common_name": band}]}
+            if raster and band in raster:
+                bands_field["raster:bands"] = [raster[band]]
+        else:
+            entry = {"name": keys[band], "eo:common_name": band}
+            entry |= {f"raster:{k}": v for k, v in (raster or {}).get(band, {}).items()}
+            bands_field = {"bands": [entry]}
+        assets[keys[band]] = {"href": href, "type": COG_TYPE, "roles": ["data"], **bands_field}
+        jp2 = {"href": href.replace(".tif", ".jp2"), "type": "image/jp2"}
+        assets[f"{keys[band]}-jp2"] = jp2 | bands_field
+    return {
+        "type": "Feature",
+        "stac_version": version,
+        "id": "zion-crop",
+        "geometry": None,
+        "properties": {"datetime": "2015-08-18T00:00:00Z"},
+        "links": [],
+        "assets": assets,
+    }
+
+
+@pytest.mark.parametrize("version", ["1.0.0", "1.1.0"])
+def test_stac_item_url_with_relative_hrefs(
+    tmp_path: Path, archive: Path, server: RangeServer, tiny_loaded_model, version: str
+) -> None:
+    (server.root / "items").mkdir()
+    item = stac_item({band: f"../{band}.tif" for band in BANDS}, version)
+    (server.root / "items" / "item.json").write_text(json.dumps(item))
+    predict(archive / "scene.tif", tmp_path / "local.tif", tiny_loaded_model)
+    predict(server.url("items/item.json"), tmp_path / "stac.tif", tiny_loaded_model)
+    assert_same_output(tmp_path / "local.tif", tmp_path / "stac.tif")
+    with rasterio.open(tmp_path / "stac.tif") as out:
+        assert out.tags()["GEOSEG_SOURCE"] == "item.json:B04,B03,B02,B08"
+    assert all(server.served(f"{band}.tif") > 0 for band in BANDS)
+
+
+def test_local_stac_item_with_absolute_urls_and_chosen_assets(
+    tmp_path: Path, archive: Path, server: RangeServer, tiny_loaded_model
+) -> None:
+    item = stac_item({band: server.url(f"{band}.tif") for band in BANDS})
+    # swap the common names of red and nir: picking by name now feeds nir as red ...
+    item["assets"]["B04"]["eo:bands"][0]["common_name"] = "nir"
+    item["assets"]["B08"]["eo:bands"][0]["common_name"] = "red"
+    for key in ("B04-jp2", "B08-jp2", "B03-jp2", "B02-jp2"):
+        del item["assets"][key]
+    path = tmp_path / "item.json"
+    path.write_text(json.dumps(item))
+    predict(archive / "scene.tif", tmp_path / "local.tif", tiny_loaded_model)
+    # ... so --assets by key restores the right order; as a mapping and as a list
+    by_band = {"red": "B04", "green": "B03", "blue": "B02", "nir": "B08"}
+    predict(path, tmp_path / "a.tif", tiny_loaded_model, assets=by_band)
+    predict(path, tmp_path / "b.tif", tiny_loaded_model, assets=["B04", "B03", "B02", "B08"])
+    assert_same_output(tmp_path / "local.tif", tmp_path / "a.tif")
+    assert_same_output(tmp_path / "local.tif", tmp_path / "b.tif")
+    with pytest.raises(InputError, match="no asset 'B99'; the item has B02, B03, B04, B08, thumbnail"):
+        predict(path, tmp_path / "c.tif", tiny_loaded_model, assets=["B04", "B03", "B02", "B99"])
+
+
+def test_stac_item_without_a_band_the_model_needs(
+    tmp_path: Path, server: RangeServer, tiny_loaded_model
+) -> None:
+    item = stac_item({band: f"{band}.tif" for band in BANDS[:3]})
+    (server.root / "rgb.json").write_text(json.dumps(item))
+    url = server.url("rgb.json")
+    with pytest.raises(InputError) as err:
+        predict(url, tmp_path / "out.tif", tiny_loaded_model)
+    message = str(err.value)
+    assert message.startswith(f"{url}: no single-band asset with eo:bands common name 'nir'")
+    assert "model bands: red, green, blue, nir" in message
+    assert "blue (B02/B02-jp2), green (B03/B03-jp2), red (B04/B04-jp2)" in message
+    assert "--assets" in message
+    assert not (tmp_path / "out.tif").exists()
+
+
+def test_not_a_stac_item(tmp_path: Path, tiny_loaded_model) -> None:
+    path = tmp_path / "collection.json"
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": []}))
+    with pytest.raises(InputError, match="collection.json: not a STAC Item .*'FeatureCollection'"):
+        predict(path, tmp_path / "out.tif", tiny_loaded_model)
+    with pytest.raises(InputError, match="missing.json: file not found"):
+        predict(tmp_path / "missing.json", tmp_path / "out.tif", tiny_loaded_model)
+
+
+@pytest.mark.parametrize("method", ["scale", "meanstd"])
+def test_stac_scale_and_offset_replace_a_scale_models_own(
+    tmp_path: Path, archive: Path, server: RangeServer, make_model_file, method: str
+) -> None:
+    """Landsat Collection 2 style: reflectance = DN x 2.75e-5 - 0.2. A ``scale`` model then sees
+    the item's reflectance; a ``meanstd`` model (raw-unit statistics) sees the raw values."""
+    raster = {band: {"scale": 2.75e-5, "offset": -0.2, "nodata": 0} for band in BANDS}
+    item = stac_item({b: f"{b}.tif" for b in BANDS}, raster=raster)
+    (server.root / "item.json").write_text(json.dumps(item))
+    if method == "scale":
+        model = load_model(make_model_file("m.safetensors"))  # scale 1e-4, offset 0
+        landsat = Normalization("scale", scale=(2.75e-5,) * 4, offset=(-0.2,) * 4)
+        expected = load_model(make_model_file("e.safetensors", normalization=landsat))
+    else:
+        norm = Normalization("meanstd", mean=(9000.0,) * 4, std=(3000.0,) * 4)
+        model = expected = load_model(make_model_file("m.safetensors", normalization=norm))
+    predict(archive / "scene.tif", tmp_path / "expected.tif", expected)
+    predict(server.url("item.json"), tmp_path / "stac.tif", model)
+    assert_same_output(tmp_path / "expected.tif", tmp_path / "stac.tif")
+    # NOTE: outside geoseg's Env, GDAL lists the folder and deadlocks the in-process server
+    with rasterio.Env(**gdal_options()):
+        resolved = resolve_source(server.url("item.json"), model.metadata)
+        stack = rasterio.open(resolved.path)
+    with stack:
+        assert stack.nodatavals == (0.0,) * 4  # the item's nodata, as the files declare none
+
+
+# --- transient and lasting failures --------------------------------------------------------------------
+
+
+def test_a_few_503s_are_retried_and_the_scene_completes(
+    tmp_path: Path, archive: Path, server: RangeServer, tiny_loaded_model, fast_retries
+) -> None:
+    predict(archive / "scene.tif", tmp_path / "local.tif", tiny_loaded_model)
+    server.fail(3)  # the first requests, the opening ones included
+    predict(server.url("scene.tif"), tmp_path / "remote.tif", tiny_loaded_model)
+    assert_same_output(tmp_path / "local.tif", tmp_path / "remote.tif")
+    assert server.failed == 3
+
+
+def test_a_failure_outlasting_gdals_retries_is_retried_by_geoseg(
+    tmp_path: Path, archive: Path, server: RangeServer, tiny_loaded_model, fast_retries, monkeypatch, caplog
+) -> None:
+    monkeypatch.setenv("GDAL_HTTP_MAX_RETRY", "1")  # GDAL gives up after 2 tries of a request
+    predict(archive / "scene.tif", tmp_path / "local.tif", tiny_loaded_model)
+    # pixel blocks only; 6 failures outlast GDAL's two tries of up to three parallel requests
+    server.fail(6, from_offset=data_offset(archive / "scene.tif") + HEADER_BYTES)
+    with caplog.at_level(logging.WARNING, logger="geoseg"):
+        predict(server.url("scene.tif"), tmp_path / "remote.tif", tiny_loaded_model)
+    assert_same_output(tmp_path / "local.tif", tmp_path / "remote.tif")
+    retries = [r.getMessage() for r in caplog.records if "trying again" in r.getMessage()]
+    assert retries and "HTTP error code: 503" in retries[0] and server.url("scene.tif") in retries[0]
+
+
+def test_a_server_that_always_fails_mid_scene_fails_the_scene_cleanly(
+    tmp_path: Path, archive: Path, server: RangeServer, tiny_loaded_model, fast_retries, monkeypatch
+) -> None:
+    monkeypatch.setenv("GDAL_HTTP_MAX_RETRY", "1")
+    server.fail(-1, from_offset=data_offset(archive / "scene.tif") + HEADER_BYTES)
+    url = server.url("scene.tif")
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(InputError) as err:
+        predict(url, out / "labels.tif", tiny_loaded_model)
+    message = str(err.value)
+    where = r"rows \d+-\d+, cols \d+-\d+"
+    assert re.match(rf"{re.escape(url)}: read failed at {where} after 4 attempts \(", message)
+    assert "HTTP error code: 503" in message and "IReadBlock failed" in message
+    assert "\n" not in message
+    assert list(out.iterdir()) == []
+
+
+def test_cli_one_line_failure_when_the_server_always_fails(
+    tmp_path: Path, server: RangeServer, tiny_model_file: Path, runner, fast_retries, monkeypatch
+) -> None:
+    monkeypatch.setenv("GDAL_HTTP_MAX_RETRY", "1")
+    server.fail(-1)
+    url = server.url("scene.tif")
+    dst = tmp_path / "out.tif"
+    args = ["predict", url, str(dst), "--model", str(tiny_model_file), "--device", "cpu", "-q"]
+    result = runner.invoke(main, args)
+    assert result.exit_code == 1, result.output
+    assert result.output.strip().splitlines() == [f"Error: {url}: cannot open (HTTP response code: 503)"]
+    assert not dst.exists()
+
+
+# --- the command line ----------------------------------------------------------------------------------
+
+
+def test_cli_band_files_stac_and_usage(
+    tmp_path: Path, archive: Path, server: RangeServer, tiny_model_file: Path, runner
+) -> None:
+    base = ["--model", str(tiny_model_file), "--device", "cpu", "-q"]
+    ok = runner.invoke(main, ["predict", str(archive / "scene.tif"), str(tmp_path / "local.tif"), *base])
+    assert ok.exit_code == 0, ok.output
+    comma = ",".join(server.url(f"{b}.tif") for b in BANDS)
+    assert runner.invoke(main, ["predict", comma, str(tmp_path / "a.tif"), *base]).exit_code == 0
+    repeated = [arg for b in BANDS for arg in ("--band-files", str(archive / f"{b}.tif"))]
+    assert runner.invoke(main, ["predict", *repeated, str(tmp_path / "b.tif"), *base]).exit_code == 0
+    (server.root / "item.json").write_text(json.dumps(stac_item({b: f"{b}.tif" for b in BANDS})))
+    keys = ["--assets", "B04,B03,B02,B08"]
+    stac = runner.invoke(main, ["predict", server.url("item.json"), str(tmp_path / "c.tif"), *keys, *base])
+    assert stac.exit_code == 0, stac.output
+    for name in ("a.tif", "b.tif", "c.tif"):
+        assert_same_output(tmp_path / "local.tif", tmp_path / name)
+
+    files = ["--band-files", "a.tif,b.tif"]
+    both = runner.invoke(main, ["predict", "x.tif", *files, str(tmp_path / "d.tif"), *base])
+    assert both.exit_code == 2 and "with --band-files, give DST alone" in both.output
+    assert runner.invoke(main, ["predict", "x.tif", *base]).exit_code == 2
+    bad = runner.invoke(main, ["predict", comma, str(tmp_path / "e.tif"), "--resample", "lanczos", *base])
+    assert bad.exit_code == 2
+    scene = str(archive / "scene.tif")
+    wrong = runner.invoke(main, ["predict", scene, str(tmp_path / "f.tif"), "--assets", "B04", *base])
+    assert wrong.exit_code == 1 and "--assets applies to a STAC Item" in wrong.output
+
+
+def test_destination_equal_to_a_band_file_is_refused(
+    tmp_path: Path, archive: Path, tiny_loaded_model
+) -> None:
+    files = [tmp_path / f"{b}.tif" for b in BANDS]
+    for b, f in zip(BANDS, files):
+        shutil.copy(archive / f"{b}.tif", f)
+    with pytest.raises(OutputError, match="destination is the input scene"):
+        predict_scene(files, files[2], PredictConfig(device="cpu"), model=tiny_loaded_model, overwrite=True)
+
+
+def test_dropped_connections_mid_scene_are_retried_by_geoseg(
+    tmp_path: Path, archive: Path, server: RangeServer, tiny_loaded_model, fast_retries, monkeypatch, caplog
+) -> None:
+    """With GDAL's own retries off, a connection that drops mid-answer fails the read with no
+    HTTP status, only "got 0 bytes" deep in the cause; geoseg still sees it as transient."""
+    monkeypatch.setenv("GDAL_HTTP_MAX_RETRY", "0")
+    predict(archive / "scene.tif", tmp_path / "local.tif", tiny_loaded_model)
+    server.fail(2, from_offset=data_offset(archive / "scene.tif") + HEADER_BYTES, status=None)
+    with caplog.at_level(logging.WARNING, logger="geoseg"):
+        predict(server.url("scene.tif"), tmp_path / "remote.tif", tiny_loaded_model)
+    assert_same_output(tmp_path / "local.tif", tmp_path / "remote.tif")
+    assert server.failed == 2
+    retries = [r.getMessage() for r in caplog.records if "trying again" in r.getMessage()]
+    assert retries and all(server.url("scene.tif") in r for r in retries)
