@@ -84,11 +84,11 @@ def main() -> None:
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 COMPRESSIONS = ("deflate", "zstd", "lzw", "none")
+RESAMPLINGS = ("nearest", "bilinear", "cubic")  # geoseg.sources.Resampling (not imported: it loads rasterio)
 
 
 @main.command()
-@click.argument("src")
-@click.argument("dst", type=click.Path(dir_okay=False))
+@click.argument("paths", nargs=-1, metavar="SRC DST")
 @click.option("--model", "model", type=click.Path(dir_okay=False), help="Model file (default: the bundled model).")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML preset of predict settings.")
 @click.option("--tile", type=int, help="Tile edge in pixels [model's suggestion].")
@@ -100,23 +100,50 @@ COMPRESSIONS = ("deflate", "zstd", "lzw", "none")
 @click.option("--precision", type=click.Choice(PRECISIONS), help="Compute precision [auto].")
 @click.option("--compress", type=click.Choice(COMPRESSIONS), help="Output compression [deflate].")
 @click.option("--threads", type=int, help="CPU threads for the network [all cores].")
+@click.option("--compile", "compile", is_flag=True, default=None,
+              help="torch.compile the network (the first batch compiles, ~1 min for B0 on a CPU) [off].")
+@click.option("--band-files", multiple=True, help="Files stacked band after band in model band order, "
+              "repeatable or comma-separated; give DST alone.")
+@click.option("--resample", type=click.Choice(RESAMPLINGS),
+              help="Resample band files coarser than the finest one onto its grid [refuse them].")
+@click.option("--assets", help="STAC Item assets: red=B04,green=B03,... or keys in model band order "
+              "[by eo:bands common name].")
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists.")
 @_verbosity_options
-def predict(src: str, dst: str, config_file: str | None, overwrite: bool, verbose: int, quiet: bool, **flags: Any) -> None:
+def predict(paths: tuple[str, ...], config_file: str | None, overwrite: bool, verbose: int, quiet: bool,
+            band_files: tuple[str, ...], resample: str | None, assets: str | None, **flags: Any) -> None:
     """Predict a land-cover GeoTIFF from a multispectral scene.
 
-    DST gets the same CRS, transform and size as SRC, class ids with a colour table and
-    class names, and nodata (255) wherever SRC is nodata. It appears only when complete.
+    SRC is a GDAL path or a URI: a local file, https:// or s3:// (read in windows, never
+    downloaded whole), /vsizip/..., a VRT; several single-band files joined by commas
+    (or --band-files), stacked in model band order; or a STAC Item (.json file or URL).
+    DST gets the CRS, transform and size of the grid read, class ids with a colour table
+    and class names, and nodata (255) wherever SRC is nodata. It appears only when complete.
 
     \b
     Examples:
       geoseg predict scene.tif landcover.tif
       geoseg predict scene.tif out.tif --bands 4,3,2,8 --tile 512 --overlap 64
       geoseg predict scene.tif out.tif --model my.safetensors --config configs/fast.yaml
+      geoseg predict scene.tif out.tif --model my.onnx
+      geoseg predict https://example.com/scene_cog.tif out.tif
+      geoseg predict B04.tif,B03.tif,B02.tif,B08.tif out.tif
+      geoseg predict --band-files B04.tif,B03.tif,B02.tif,B05.tif --resample bilinear out.tif
+      geoseg predict item.json out.tif --assets red=B04,green=B03,blue=B02,nir=B08
     """
     _configure_logging(verbose, quiet)
+    if band_files:
+        if len(paths) != 1:
+            raise click.UsageError("with --band-files, give DST alone (the band files replace SRC)")
+        src: str | list[str] = [p for item in band_files for p in item.split(",") if p.strip()]
+    elif len(paths) != 2:
+        raise click.UsageError(f"expected SRC and DST, got {len(paths)} path(s)")
+    else:
+        src = paths[0]
+    dst = paths[-1]
     with _user_errors(quiet):
         from .config import build_config, load_config_file, parse_band_list
+        from .sources import parse_assets
 
         file_settings = load_config_file(config_file) if config_file else {}
         if flags.get("bands") is not None:
@@ -126,7 +153,15 @@ def predict(src: str, dst: str, config_file: str | None, overwrite: bool, verbos
         from .pipeline import predict_scene
 
         progress = not quiet and sys.stderr.isatty()
-        result = predict_scene(src, dst, config, overwrite=overwrite, progress=progress)
+        result = predict_scene(
+            src,
+            dst,
+            config,
+            overwrite=overwrite,
+            progress=progress,
+            resample=resample,  # type: ignore[arg-type]
+            assets=parse_assets(assets) if assets else None,
+        )
         log.info(
             "wrote %s: %d of %d tiles predicted in %.1f s (%.2f MP/s, %s, %s)",
             result.dst,
@@ -246,6 +281,236 @@ def init_model(out: str, arch: str, bands: str, source_bands: str | None, classe
         network = build_network(metadata)
         save_model(out_path, network.state_dict(), metadata)
         click.echo(f"wrote {out}: untrained {metadata.variant}, {len(names)} bands, {len(classes)} classes")
+
+
+@main.command("import-weights")
+@click.argument("src")
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--bands", default="red,green,blue", show_default=True,
+              help="Input band names, in model order (with a 3-band checkpoint: red,green,blue first).")
+@click.option("--source-bands", help="Raster band feeding each input by default [1,2,...].")
+@click.option("--classes", "classes_file", type=click.Path(dir_okay=False),
+              help="Classes JSON file [the checkpoint's id2label, keeping its decode head].")
+@click.option("--parts", type=click.Choice(("auto", "encoder", "whole")), default="auto", show_default=True,
+              help="encoder: new decode head; whole: the checkpoint's; auto: whole when the classes match.")
+@click.option("--scale", type=float, help="Input scaling x * scale [1e-4].")
+@click.option("--mean", help="Per-band means in raw units, comma-separated (with --std, instead of --scale).")
+@click.option("--std", help="Per-band standard deviations in raw units, comma-separated.")
+@click.option("--tile-size", type=int, default=512, show_default=True, help="Suggested tile edge in pixels.")
+@click.option("--overlap", type=int, default=64, show_default=True, help="Suggested tile overlap in pixels.")
+@click.option("--resolution", type=float, help="Pixel size the model is meant for, in metres.")
+@click.option("--name", help="Model name [variant and folder name].")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of a new decode head's weights.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@_verbosity_options
+def import_weights(src: str, out: str, bands: str, source_bands: str | None, classes_file: str | None,
+                   parts: str, scale: float | None, mean: str | None, std: str | None, tile_size: int,
+                   overlap: int, resolution: float | None, name: str | None, seed: int, overwrite: bool,
+                   verbose: int, quiet: bool) -> None:
+    """Convert a Hugging Face transformers SegFormer checkpoint into a geoseg model file.
+
+    SRC is a local folder holding config.json and model.safetensors (or pytorch_model.bin,
+    read without running code), as save_pretrained writes for nvidia/mit-b0 ... b5 and
+    segformer-b*-finetuned-*; or one of those files. Nothing is downloaded: fetch hub models
+    elsewhere first. With --classes for the user's classes the encoder is imported and the
+    decode head is new (untrained); without, or when the classes match the checkpoint's, the
+    whole model is kept. A 3-band checkpoint feeding more bands gets the added bands'
+    first-layer filters from the mean of its RGB filters, all scaled by 3/bands so activations
+    keep their size. The source and what was imported go into the metadata's provenance.
+
+    \b
+    Examples:
+      geoseg import-weights ./mit-b2 b2.safetensors --bands red,green,blue,nir --classes classes.json
+      geoseg import-weights ./segformer-b0-finetuned-ade-512-512 ade.safetensors \\
+        --mean 123.675,116.28,103.53 --std 58.395,57.12,57.375
+    """
+    _configure_logging(verbose, quiet)
+    with _user_errors(quiet):
+        from pathlib import Path
+
+        from .config import parse_band_list
+        from .errors import ConfigError, OutputError
+        from .hf_import import import_weights as import_hf
+        from .modelfile import Normalization, load_classes, save_model
+
+        out_path = Path(out)
+        if out_path.exists() and not overwrite:
+            raise OutputError(f"{out}: already exists (use --overwrite to replace it)")
+        if not out_path.parent.is_dir():
+            raise OutputError(f"{out}: folder {out_path.parent} does not exist")
+        names = [b.strip() for b in bands.split(",") if b.strip()]
+        if (mean is None) != (std is None):
+            raise click.BadParameter("give --mean and --std together", param_hint="--mean/--std")
+        if mean is not None and scale is not None:
+            raise click.BadParameter("give --scale or --mean/--std, not both", param_hint="--scale")
+        if mean is not None and std is not None:
+            try:
+                means = tuple(float(v) for v in mean.split(","))
+                stds = tuple(float(v) for v in std.split(","))
+            except ValueError as err:
+                raise click.BadParameter(f"expected comma-separated numbers ({err})",
+                                         param_hint="--mean/--std") from None
+            if len(means) != len(names) or len(stds) != len(names):
+                raise ConfigError(f"--mean and --std need one value per band ({len(names)})")
+            normalization = Normalization("meanstd", mean=means, std=stds)
+        else:
+            factor = 1e-4 if scale is None else scale
+            normalization = Normalization("scale", scale=(factor,) * len(names), offset=(0.0,) * len(names))
+        classes, ignore_index = load_classes(classes_file) if classes_file else (None, None)
+        result = import_hf(
+            src,
+            names,
+            classes,
+            parts=parts,  # type: ignore[arg-type]
+            ignore_index=ignore_index,
+            normalization=normalization,
+            source_bands=parse_band_list(source_bands) if source_bands else None,
+            tile_size=tile_size,
+            overlap=overlap,
+            resolution_m=resolution,
+            name=name,
+            seed=seed,
+        )
+        save_model(out_path, result.state_dict, result.metadata)
+        meta = result.metadata
+        what = "whole model" if result.parts == "whole" else "encoder (new, untrained decode head)"
+        click.echo(
+            f"wrote {out}: {what} of {meta.variant}, {len(meta.bands)} bands, {len(meta.classes)} classes"
+            + (f"; {result.band_expansion}" if result.band_expansion else "")
+        )
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--opset", type=click.IntRange(min=17), default=18, show_default=True, help="ONNX opset.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@_verbosity_options
+def export(model: str, out: str, opset: int, overwrite: bool, verbose: int, quiet: bool) -> None:
+    """Export a model file to ONNX (OUT.onnx), with its metadata in the ONNX metadata_props.
+
+    Batch, height and width stay dynamic. geoseg predict --model OUT.onnx runs it through
+    onnxruntime in the same engine (fp32). Needs: pip install 'geoseg[onnx]'.
+
+    \b
+    Example:
+      geoseg export model.safetensors model.onnx
+    """
+    _configure_logging(verbose, quiet)
+    with _user_errors(quiet):
+        from .onnx_export import export_onnx
+
+        export_onnx(model, out, opset=opset, overwrite=overwrite)
+        click.echo(f"wrote {out} (ONNX opset {opset})")
+
+
+TRAIN_PRECISIONS = ("fp32", "bf16", "auto")
+
+
+@main.command()
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML file of training settings.")
+@click.option("--image", "images", multiple=True, help="Training image (repeatable; pairs with --labels in order).")
+@click.option("--labels", "labels", multiple=True, help="Class raster on the image's grid, or vector polygons (repeatable).")
+@click.option("--label-attribute", help="Attribute of vector labels holding the class id or name.")
+@click.option("--classes", type=click.Path(dir_okay=False), help="Classes JSON file (ids, names, colours, ignore_index).")
+@click.option("--out", type=click.Path(dir_okay=False), help="Model file to write (the best epoch).")
+@click.option("--arch", help="SegFormer variant for a new model [segformer-b0].")
+@click.option("--init-model", type=click.Path(dir_okay=False), help="Start from this geoseg model file.")
+@click.option("--pretrained", type=click.Path(dir_okay=False), help="Start from weights in this safetensors file.")
+@click.option("--bands", help="1-based raster bands feeding the model, in its order, e.g. 4,3,2,8.")
+@click.option("--train-rows", help="Training rows A:B (B exclusive) [whole image].")
+@click.option("--train-window", help="Training window col_off,row_off,width,height.")
+@click.option("--train-aoi", type=click.Path(dir_okay=False), help="Training polygons (GeoJSON, GeoPackage).")
+@click.option("--val-rows", help="Validation rows A:B (B exclusive).")
+@click.option("--val-window", help="Validation window col_off,row_off,width,height.")
+@click.option("--val-aoi", type=click.Path(dir_okay=False), help="Validation polygons (GeoJSON, GeoPackage).")
+@click.option("--window-px", type=int, help="Training window edge in pixels [256].")
+@click.option("--batch-size", type=int, help="Windows per step [8].")
+@click.option("--steps", type=int, help="Optimiser steps in total [2000].")
+@click.option("--epoch-steps", type=int, help="Steps between validations [200].")
+@click.option("--lr", type=float, help="Peak learning rate [6e-4].")
+@click.option("--seed", type=int, help="Seed: the same seed gives the same model [0].")
+@click.option("--precision", type=click.Choice(TRAIN_PRECISIONS), help="Compute precision [fp32].")
+@click.option("--device", help="auto, cpu, cuda or cuda:N [auto].")
+@click.option("--threads", type=int, help="CPU threads for the network [all cores].")
+@click.option("--resume", is_flag=True, help="Continue the interrupted run whose checkpoint is beside --out.")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@_verbosity_options
+def train(config_file: str | None, resume: bool, overwrite: bool, verbose: int, quiet: bool, **flags: Any) -> None:
+    """Train a land-cover model on images with class rasters or labelled polygons.
+
+    Each epoch predicts the validation region and reports per-class IoU and mIoU; the best
+    epoch is written to --out as a geoseg model file, with normalisation statistics from the
+    training pixels. A checkpoint beside it lets --resume continue an interrupted run.
+
+    \b
+    Examples:
+      geoseg train --config configs/zion-default.yaml --out zion.safetensors
+      geoseg train --image scene.tif --labels fields.gpkg --label-attribute crop \\
+        --classes classes.json --val-rows 800:1000 --out crops.safetensors
+    """
+    _configure_logging(verbose, quiet)
+    with _user_errors(quiet):
+        from .config import parse_band_list
+        from .train import build_train_config, load_train_config_file, train_model
+
+        file_settings = load_train_config_file(config_file) if config_file else {}
+        if flags.get("bands") is not None:
+            flags["bands"] = parse_band_list(flags["bands"])
+        config = build_train_config(file_settings, **flags)
+        progress = not quiet and sys.stderr.isatty()
+        result = train_model(config, resume=resume, overwrite=overwrite, progress=progress)
+        if result.best_metrics is None:
+            click.echo(f"no epoch finished; nothing written (checkpoint: {result.checkpoint})")
+            return
+        click.echo(result.best_metrics.format_table())
+        click.echo(
+            f"\nwrote {result.out}: best validation mIoU {result.best_miou:.4f} at epoch {result.best_epoch} "
+            f"(step {result.best_step} of {result.steps_done}); {result.seconds / 60:.1f} min"
+        )
+
+
+@main.command()
+@click.argument("pred")
+@click.argument("ref")
+@click.option("--classes", type=click.Path(dir_okay=False), help="Classes JSON file [class names stored in PRED].")
+@click.option("--rows", help="Only rows A:B (B exclusive, 0-based).")
+@click.option("--window", help="Only the window col_off,row_off,width,height (pixels).")
+@click.option("--aoi", type=click.Path(dir_okay=False), help="Only pixels inside these polygons (GeoJSON, GeoPackage).")
+@click.option("--json", "json_file", type=click.Path(dir_okay=False), help="Also write the figures to this JSON file.")
+@_verbosity_options
+def evaluate(pred: str, ref: str, classes: str | None, rows: str | None, window: str | None, aoi: str | None,
+             json_file: str | None, verbose: int, quiet: bool) -> None:
+    """Score a class raster PRED against a reference class raster REF on the same grid.
+
+    Prints per-class IoU, precision, recall and F1, mean IoU, overall accuracy, Cohen's kappa
+    and the confusion matrix, over the pixels valid in both rasters (not nodata, not the
+    classes file's ignore index) and inside the region, if one is given.
+
+    \b
+    Examples:
+      geoseg evaluate landcover.tif reference.tif --classes classes.json
+      geoseg evaluate pred.tif ref.tif --rows 1032:1428 --json scores.json
+    """
+    _configure_logging(verbose, quiet)
+    with _user_errors(quiet):
+        from pathlib import Path
+
+        from .errors import OutputError
+        from .evaluate import evaluate_rasters
+        from .labels import ClassMap, parse_region
+        from .modelfile import load_classes
+
+        region = parse_region(rows, window, aoi)
+        class_map = ClassMap(*load_classes(classes)) if classes else None
+        if json_file and not Path(json_file).resolve().parent.is_dir():
+            raise OutputError(f"{json_file}: folder {Path(json_file).resolve().parent} does not exist")
+        metrics = evaluate_rasters(pred, ref, class_map, region)
+        click.echo(metrics.format_table())
+        if json_file:
+            Path(json_file).write_text(
+                metrics.to_json(prediction=pred, reference=ref, region=region.describe()) + "\n"
+            )
 
 
 if __name__ == "__main__":  # pragma: no cover

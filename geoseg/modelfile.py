@@ -229,12 +229,18 @@ def save_model(
 def read_metadata(path: str | os.PathLike[str]) -> ModelMetadata:
     """Read only the metadata of a model file (cheap: the header, not the weights).
 
+    An ``.onnx`` file's metadata comes from its ``metadata_props`` (needs ``geoseg[onnx]``).
+
     Raises:
         CheckpointError: Missing, not a safetensors file, or not a geoseg model.
     """
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
+    if path.suffix.lower() == ".onnx":
+        from .onnx_export import read_onnx_metadata
+
+        return read_onnx_metadata(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: model file not found")
     try:
@@ -285,7 +291,8 @@ def build_network(metadata: ModelMetadata) -> torch.nn.Module:
 def load_model(path: str | os.PathLike[str]) -> LoadedModel:
     """Load a model file onto the CPU in fp32, in eval mode.
 
-    Never unpickles: tensors come from safetensors, metadata from JSON.
+    Never unpickles: tensors come from safetensors, metadata from JSON. An ``.onnx`` file
+    (``geoseg export``) loads as an onnxruntime session behind a module face (needs ``geoseg[onnx]``).
 
     Raises:
         CheckpointError: Missing, corrupt or incompatible file.
@@ -295,6 +302,10 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
     from safetensors.torch import load_file
 
     path = Path(path)
+    if path.suffix.lower() == ".onnx":
+        from .onnx_export import load_onnx_model
+
+        return load_onnx_model(path)
     metadata = read_metadata(path)
     try:
         network = build_network(metadata)

@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import rasterio
+import rasterio.env
 
 from ._version import __version__
 from .blend import LogitAccumulator
@@ -31,14 +32,28 @@ from .errors import CheckpointError, ConfigError, NodataWarning
 from .inference import TileBatch, TilePredictor, resolve_device, resolve_precision
 from .io import LabelWriter, Scene, SceneReader, check_destination, open_scene
 from .modelfile import LoadedModel, ModelMetadata, load_model
+from .sources import Resampling, resolve_source
 from .tiling import Tile, TileGrid, taper_2d
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "default.safetensors"
-# NOTE: GDAL's block cache defaults to 5 % of RAM and would grow with the scene; a fixed cap keeps
-# memory flat. It must hold one tile row of input blocks to avoid decoding blocks twice.
+# NOTE: GDAL's block cache defaults to 5 % of RAM and would grow with the scene; a cap keeps
+# memory flat. It must hold the input blocks of the tile rows in flight, or blocks are decoded (and
+# remote ones fetched) twice: at least this much, more for wide scenes (see block_cache_bytes).
 GDAL_CACHE_MB = 128
+# GDAL settings for reading remote files in windows; a variable of the same name in the
+# environment wins. GDAL doubles the retry delay after each retry (with some jitter).
+REMOTE_GDAL_OPTIONS: dict[str, Any] = {
+    "GDAL_HTTP_MAX_RETRY": 5,  # per HTTP request, on 429, 502, 503, 504 (GDAL_HTTP_RETRY_CODES for others)
+    "GDAL_HTTP_RETRY_DELAY": 0.5,  # seconds before the first retry
+    "GDAL_HTTP_CONNECTTIMEOUT": 30,
+    "GDAL_HTTP_LOW_SPEED_TIME": 60,  # a transfer slower than 1 byte/s for 60 s fails (and is retried)
+    "GDAL_HTTP_LOW_SPEED_LIMIT": 1,
+    "GDAL_HTTP_MERGE_CONSECUTIVE_RANGES": "YES",  # neighbouring blocks in one range request
+    "GDAL_INGESTED_BYTES_AT_OPEN": 32768,  # COG header and IFDs in the first request
+    "CPL_VSIL_CURL_CACHE_SIZE": 128 << 20,  # fetched bytes kept, process-wide, so no range is fetched twice
+}
 _DONE = object()
 
 
@@ -83,21 +98,27 @@ def predict_scene(
     overwrite: bool = False,
     progress: bool = False,
     model: LoadedModel | None = None,
+    resample: Resampling | None = None,
+    assets: Mapping[str, str] | Sequence[str] | None = None,
 ) -> PredictResult:
     """Predict a land-cover raster for one scene.
 
-    Writes a single-band GeoTIFF to ``dst`` with the input's CRS, transform and size, class
+    Writes a single-band GeoTIFF to ``dst`` with the CRS, transform and size of the grid read, class
     ids from the model's classes, ``config.output_nodata`` wherever the input is nodata, a
     colour table, class names (tags and a ``.aux.xml`` attribute table) and provenance tags.
     The file appears under ``dst`` only when complete.
 
     Args:
-        src: Input scene: any path or URI rasterio opens.
+        src: Input scene: a path or URI (``https://``, ``s3://``, any GDAL path), several of
+            them (a sequence, or commas) stacked band after band, or a STAC Item (``.json``);
+            see :func:`geoseg.sources.resolve_source`.
         dst: Output GeoTIFF path.
         config: Settings; ``None`` uses the defaults and the bundled model.
         overwrite: Replace an existing ``dst``.
         progress: Show a progress bar on stderr.
         model: An already loaded model (batch jobs load once); overrides ``config.model``.
+        resample: Resample band files coarser than the finest one with this method (otherwise refused).
+        assets: STAC asset keys, by model band name or in model band order (default: by common name).
 
     Returns:
         Sizes, counts and timing of the run.
@@ -110,7 +131,6 @@ def predict_scene(
     """
     started = time.perf_counter()
     config = config or PredictConfig()
-    src = os.fspath(src)
     if model is None:
         model = load_model(config.model or default_model_path())
     if config.output_nodata in {c.id for c in model.metadata.classes}:
@@ -118,15 +138,24 @@ def predict_scene(
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
     with rasterio.Env(**gdal_options()):
-        scene = open_scene(src, model.metadata, config.bands, config.nodata)
-        dst_path = check_destination(src, dst, overwrite)
+        source = resolve_source(src, model.metadata, resample=resample, assets=assets)
+        scene = open_scene(source.path, model.metadata, config.bands, config.nodata, name=source.name)
+        for path in source.files:
+            dst_path = check_destination(path, dst, overwrite)
         grid = plan_grid(scene, model.metadata, config)
-        log.info("%s: %dx%d px, bands %s (%s)", src, scene.width, scene.height, list(scene.band_indexes), scene.band_source)
+        if "GDAL_CACHEMAX" not in os.environ:
+            rasterio.env.setenv(GDAL_CACHEMAX=block_cache_bytes(scene, grid, source.block_rows))
+        model = source.calibrate(model)
+        log.info("%s: %dx%d px, bands %s (%s)",
+                 source.name, scene.width, scene.height, list(scene.band_indexes), scene.band_source)
         if config.threads:
             import torch
 
             torch.set_num_threads(config.threads)
-        predictor = TilePredictor(model.module, device, precision, grid.tile_px, max_batch=config.batch_size)
+        predictor = TilePredictor(
+            model.module, device, precision, grid.tile_px, max_batch=config.batch_size, compile=config.compile
+        )
+        precision = predictor.precision  # an ONNX model runs in fp32 whatever was asked
         tags = {
             "GEOSEG_VERSION": __version__,
             "GEOSEG_MODEL": model.metadata.name,
@@ -135,11 +164,11 @@ def predict_scene(
             "GEOSEG_OVERLAP": str(grid.overlap_px),
             "GEOSEG_PRECISION": precision,
             "GEOSEG_BANDS": ",".join(map(str, scene.band_indexes)),
-            "GEOSEG_SOURCE": os.path.basename(src),
+            "GEOSEG_SOURCE": source.tag,
         }
         predicted = _run(scene, grid, model, predictor, config, dst_path, tags, progress)
     if predicted == 0:
-        warnings.warn(f"{src}: no valid pixel; wrote an all-nodata output", NodataWarning, stacklevel=2)
+        warnings.warn(f"{source.name}: no valid pixel; wrote an all-nodata output", NodataWarning, stacklevel=2)
     return PredictResult(
         dst=dst_path,
         width=scene.width,
@@ -178,13 +207,35 @@ def plan_grid(scene: Scene, meta: ModelMetadata, config: PredictConfig) -> TileG
 def gdal_options() -> dict[str, Any]:
     """GDAL settings applied once around a prediction (config options are process-wide).
 
-    The block cache is capped unless the user set ``GDAL_CACHEMAX``: GDAL's default (5 % of RAM)
-    would let it grow with the scene. GDAL reads the cap when its cache is first used.
+    No directory listing on open (a remote listing costs a request per open, and sidecar files
+    are not needed); the block cache capped at ``GDAL_CACHE_MB`` (GDAL's default, 5 % of RAM,
+    would grow with the scene; :func:`predict_scene` raises it for wide scenes); for remote
+    files, retries with back-off, timeouts, merged range requests and a larger cache of fetched
+    bytes (``REMOTE_GDAL_OPTIONS``). A setting already in the environment wins.
     """
-    options: dict[str, Any] = {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR"}
-    if "GDAL_CACHEMAX" not in os.environ:
-        options["GDAL_CACHEMAX"] = GDAL_CACHE_MB
-    return options
+    # NOTE: rasterio hands an integer GDAL_CACHEMAX to GDALSetCacheMax64, which takes bytes, not MB.
+    defaults = {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR", "GDAL_CACHEMAX": GDAL_CACHE_MB << 20}
+    defaults |= REMOTE_GDAL_OPTIONS
+    return {key: value for key, value in defaults.items() if key not in os.environ}
+
+
+def block_cache_bytes(scene: Scene, grid: TileGrid, block_rows: int | None = None) -> int:
+    """A GDAL block cache that holds the input blocks of the tile rows in flight.
+
+    The reader works one tile row ahead at most, so the rows in flight span a tile and a
+    stride, widened by up to a block at either end; a VRT band stack caches its own blocks
+    beside its sources', hence the factor 2. At least ``GDAL_CACHE_MB``, at most a quarter of
+    the machine's memory.
+    """
+    block_rows = block_rows or 512  # GDAL's default COG block; a VRT does not tell its sources'
+    rows = grid.tile_px + (grid.tile_px - grid.overlap_px) + 2 * block_rows
+    itemsize = np.dtype(scene.dtype).itemsize
+    needed = 2 * scene.width * min(rows, scene.height) * len(scene.band_indexes) * itemsize
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        memory = 16 << 30
+    return int(max(GDAL_CACHE_MB << 20, min(needed, memory // 4)))
 
 
 def _run(

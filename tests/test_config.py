@@ -180,7 +180,8 @@ def test_model_path_in_a_config_file_is_relative_to_the_file(tmp_path: Path) -> 
     assert load_config_file(path)["model"] == str(tmp_path / "abs.safetensors")
 
 
-PRESETS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+# Predict presets are configs/predict-*.yaml; training configs live beside them under other names.
+PRESETS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("predict-*.yaml"))
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=[p.name for p in PRESETS])
