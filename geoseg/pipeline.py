@@ -30,7 +30,7 @@ from .blend import LogitAccumulator
 from .config import DEFAULT_OVERLAP_PX, DEFAULT_TILE_PX, PredictConfig
 from .errors import CheckpointError, ConfigError, NodataWarning
 from .inference import TileBatch, TilePredictor, resolve_device, resolve_precision
-from .io import LabelWriter, Scene, SceneReader, check_destination, open_scene
+from .io import LabelWriter, Scene, SceneReader, check_destination, open_scene, output_dtype
 from .modelfile import LoadedModel, ModelMetadata, load_model
 from .sources import Resampling, resolve_source
 from .tiling import Tile, TileGrid, taper_2d
@@ -41,7 +41,7 @@ DEFAULT_MODEL_NAME = "default.safetensors"
 # NOTE: GDAL's block cache defaults to 5 % of RAM and would grow with the scene; a cap keeps
 # memory flat. It must hold the input blocks of the tile rows in flight, or blocks are decoded (and
 # remote ones fetched) twice: at least this much, more for wide scenes (see block_cache_bytes).
-GDAL_CACHE_MB = 128
+GDAL_CACHE_MB = 64
 # GDAL settings for reading remote files in windows; a variable of the same name in the
 # environment wins. GDAL doubles the retry delay after each retry (with some jitter).
 REMOTE_GDAL_OPTIONS: dict[str, Any] = {
@@ -224,13 +224,14 @@ def block_cache_bytes(scene: Scene, grid: TileGrid, block_rows: int | None = Non
 
     The reader works one tile row ahead at most, so the rows in flight span a tile and a
     stride, widened by up to a block at either end; a VRT band stack caches its own blocks
-    beside its sources', hence the factor 2. At least ``GDAL_CACHE_MB``, at most a quarter of
-    the machine's memory.
+    beside its sources', hence the factor 2 for VRTs. At least ``GDAL_CACHE_MB``, at most a
+    quarter of the machine's memory. Anything larger only grows memory with the scene's width.
     """
-    block_rows = block_rows or 512  # GDAL's default COG block; a VRT does not tell its sources'
+    block_rows = block_rows or 256  # GeoTIFF's usual block; a VRT does not tell its sources'
     rows = grid.tile_px + (grid.tile_px - grid.overlap_px) + 2 * block_rows
     itemsize = np.dtype(scene.dtype).itemsize
-    needed = 2 * scene.width * min(rows, scene.height) * len(scene.band_indexes) * itemsize
+    copies = 2 if scene.path.lstrip().startswith("<") else 1
+    needed = copies * scene.width * min(rows, scene.height) * len(scene.band_indexes) * itemsize
     try:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
@@ -252,7 +253,8 @@ def _run(
     from tqdm import tqdm
 
     meta = model.metadata
-    class_ids = np.array([c.id for c in meta.classes])
+    # NOTE: the output dtype, not int64: finished rows wait in the writer's queue, 8x smaller.
+    class_ids = np.array([c.id for c in meta.classes], dtype=output_dtype(meta.classes, config.output_nodata))
     taper = taper_2d(grid.tile_px, config.taper_floor)
     accumulator = LogitAccumulator(
         num_classes=len(meta.classes),
