@@ -24,7 +24,7 @@ $(VENV)/.installed: $(VENV)/.torch pyproject.toml
 	touch $@
 
 demo: $(VENV)/.installed
-	$(BIN)/geoseg predict sample_data/zion_sample.tif zion_sample_landcover.tif --overwrite -v
+	$(BIN)/geoseg predict sample_data/zion_sample.tif zion_sample_landcover.tif --overwrite
 	@echo "wrote zion_sample_landcover.tif (open it in QGIS: classes are named and coloured)"
 
 test: $(VENV)/.installed
