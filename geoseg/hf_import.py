@@ -20,7 +20,7 @@ import os
 import re
 import struct
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -48,22 +48,6 @@ WEIGHT_NAMES = (
 )
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _URL_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
-# Hugging Face config fields that are geoseg SegformerConfig fields of the same name and meaning.
-_CONFIG_FIELDS = (
-    "depths",
-    "hidden_sizes",
-    "num_attention_heads",
-    "sr_ratios",
-    "patch_sizes",
-    "strides",
-    "mlp_ratios",
-    "decoder_hidden_size",
-    "layer_norm_eps",
-    "drop_path_rate",
-    "hidden_dropout_prob",
-    "attention_probs_dropout_prob",
-    "classifier_dropout_prob",
-)
 # transformers 5.x in-memory names -> the names its checkpoints (and geoseg) use.
 _V5_RENAMES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
     (re.compile(pattern), replacement)
@@ -255,7 +239,10 @@ def segformer_config_from_hf(
         raise CheckpointError(f"not a SegFormer checkpoint (config.json model_type is {model_type!r})")
     if config.get("hidden_act", "gelu") != "gelu":
         raise CheckpointError(f"hidden_act {config['hidden_act']!r} is not supported (geoseg uses gelu)")
-    values = {name: config[name] for name in _CONFIG_FIELDS if name in config}
+    # Every geoseg field has a Hugging Face field of the same name and meaning; bands and
+    # classes come from the user's --bands and --classes instead.
+    shared = [f.name for f in fields(SegformerConfig) if f.name not in ("num_channels", "num_labels")]
+    values = {name: config[name] for name in shared if name in config}
     blocks = config.get("num_encoder_blocks")
     if blocks is not None and "depths" in values and blocks != len(values["depths"]):
         raise CheckpointError(f"config.json: num_encoder_blocks {blocks} but {len(values['depths'])} depths")
