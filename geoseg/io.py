@@ -28,6 +28,7 @@ from rasterio.windows import Window
 from . import _remote
 from .errors import GeoreferenceWarning, InputError, OutputError
 from .modelfile import ClassSpec, ModelMetadata
+from .stream import RowBlock
 
 log = logging.getLogger(__name__)
 
@@ -318,6 +319,7 @@ class LabelWriter:
     """
 
     BLOCK_PX = 256
+    needs_probabilities = False  # a RowSink (geoseg.stream) that only needs the classes
 
     def __init__(
         self,
@@ -360,6 +362,10 @@ class LabelWriter:
         self._dst.set_band_description(1, "land cover class")
         class_tags = {f"CLASS_{c.id}": c.name for c in self.classes}
         self._dst.update_tags(**tags, **class_tags)
+
+    def write(self, block: RowBlock) -> None:
+        """Write a finished row block (the :class:`geoseg.stream.RowSink` interface)."""
+        self.write_rows(block.row, block.classes)
 
     def write_rows(self, row: int, labels: npt.NDArray[np.integer]) -> None:
         """Write ``labels`` (rows, width) at scene row ``row``; rows must arrive in order.

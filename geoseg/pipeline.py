@@ -33,6 +33,7 @@ from .inference import TileBatch, TilePredictor, resolve_device, resolve_precisi
 from .io import LabelWriter, Scene, SceneReader, check_destination, open_scene, output_dtype
 from .modelfile import LoadedModel, ModelMetadata, load_model
 from .sources import Resampling, resolve_source
+from .stream import RowBlock, RowSink, RowStage, needs_probabilities, run_chain, softmax
 from .tiling import Tile, TileGrid, taper_2d
 
 log = logging.getLogger(__name__)
@@ -166,7 +167,15 @@ def predict_scene(
             "GEOSEG_BANDS": ",".join(map(str, scene.band_indexes)),
             "GEOSEG_SOURCE": source.tag,
         }
-        predicted = _run(scene, grid, model, predictor, config, dst_path, tags, progress)
+        stages = build_stages(scene, model.metadata, config)
+        sinks = build_sinks(scene, model.metadata, config)
+        try:
+            predicted = _run(scene, grid, model, predictor, config, dst_path, tags, progress, stages, sinks)
+        except BaseException:
+            _Outputs(stages, sinks).abort()  # also when the class raster could not even be created
+            for stage in stages:
+                stage.close()
+            raise
     if predicted == 0:
         warnings.warn(f"{source.name}: no valid pixel; wrote an all-nodata output", NodataWarning, stacklevel=2)
     return PredictResult(
@@ -239,6 +248,18 @@ def block_cache_bytes(scene: Scene, grid: TileGrid, block_rows: int | None = Non
     return int(max(GDAL_CACHE_MB << 20, min(needed, memory // 4)))
 
 
+def build_stages(scene: Scene, meta: ModelMetadata, config: PredictConfig) -> list[RowStage]:
+    """Stages between the blender and the outputs, in order (e.g. CRF refinement)."""
+    stages: list[RowStage] = []
+    return stages
+
+
+def build_sinks(scene: Scene, meta: ModelMetadata, config: PredictConfig) -> list[RowSink]:
+    """Outputs besides the class raster that consume the finished rows (probabilities, statistics)."""
+    sinks: list[RowSink] = []
+    return sinks
+
+
 def _run(
     scene: Scene,
     grid: TileGrid,
@@ -248,8 +269,14 @@ def _run(
     dst: Path,
     tags: dict[str, str],
     progress: bool,
+    stages: Sequence[RowStage] = (),
+    sinks: Sequence[RowSink] = (),
 ) -> int:
-    """Drive reader, network and writer for one scene; returns the number of tiles predicted."""
+    """Drive reader, network and writer for one scene; returns the number of tiles predicted.
+
+    Finished rows go through ``stages`` and then to the class raster and every sink, on the
+    writer thread; all outputs are committed together at the end, or all aborted.
+    """
     from tqdm import tqdm
 
     meta = model.metadata
@@ -271,50 +298,60 @@ def _run(
     rows_out: queue.Queue[Any] = queue.Queue(maxsize=4)
     multiplier, bias = meta.normalization.multiplier_and_bias()
 
-    with LabelWriter(dst, scene, meta.classes, config.output_nodata, config.compress, tags) as writer:
-        reader = threading.Thread(
-            target=_read_batches, args=(scene, grid, multiplier, bias, config.batch_size, batches, stop), daemon=True
-        )
-        writer_thread = threading.Thread(target=_write_rows, args=(writer, rows_out, stop), daemon=True)
+    with_probabilities = needs_probabilities(stages, sinks)
+    writer = LabelWriter(dst, scene, meta.classes, config.output_nodata, config.compress, tags)
+    outputs = _Outputs(stages, [writer, *sinks])
+    reader = threading.Thread(
+        target=_read_batches, args=(scene, grid, multiplier, bias, config.batch_size, batches, stop), daemon=True
+    )
+    writer_thread = threading.Thread(target=_write_rows, args=(outputs, rows_out, stop), daemon=True)
+    bar = tqdm(total=len(grid), unit="tile", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    predicted = 0
+    try:
         reader.start()
         writer_thread.start()
-        bar = tqdm(total=len(grid), unit="tile", disable=not progress, file=sys.stderr, dynamic_ncols=True)
-        predicted = 0
-        try:
-            done_index = -1
+        done_index = -1
 
-            def emit(until_row: int) -> None:
-                for finished in accumulator.pop_until(until_row):
-                    labels = class_ids[finished.labels()]
-                    labels[~finished.valid] = config.output_nodata
-                    _put(rows_out, (finished.row, labels), stop)
+        def emit(until_row: int) -> None:
+            for finished in accumulator.pop_until(until_row):
+                labels = class_ids[finished.labels()]
+                labels[~finished.valid] = config.output_nodata
+                probabilities = softmax(finished.logits()) if with_probabilities else None
+                _put(rows_out, RowBlock(finished.row, labels, finished.valid.copy(), probabilities), stop)
 
-            for batch, logits in predictor.stream(_drain(batches, stop)):
-                for tile, tile_logits, valid, (h, w) in zip(batch.tiles, logits, batch.valid, batch.extents):
-                    emit(grid.row_starts[tile.row])
-                    accumulator.add(tile.y, tile.x, tile_logits[:, :h, :w], taper[:h, :w], valid[:h, :w])
-                    bar.update(tile.index - done_index)
-                    done_index = tile.index
-                    predicted += 1
-            emit(scene.height)
-            bar.update(len(grid) - 1 - done_index)
-            _put(rows_out, _DONE, stop)
-            writer_thread.join()
-            if getattr(writer_thread, "error", None) is not None:
-                raise writer_thread.error
-        except BaseException as err:
-            stop.set()
-            writer_error = getattr(writer_thread, "error", None)
-            if writer_error is not None and writer_error is not err:
-                raise writer_error from None  # the writer's failure is the cause, not our stop
-            raise
-        finally:
-            bar.close()
-            stop.set()
-            reader.join()
-            writer_thread.join()
-        writer.commit()
+        for batch, logits in predictor.stream(_drain(batches, stop)):
+            for tile, tile_logits, valid, (h, w) in zip(batch.tiles, logits, batch.valid, batch.extents):
+                emit(grid.row_starts[tile.row])
+                accumulator.add(tile.y, tile.x, tile_logits[:, :h, :w], taper[:h, :w], valid[:h, :w])
+                bar.update(tile.index - done_index)
+                done_index = tile.index
+                predicted += 1
+        emit(scene.height)
+        bar.update(len(grid) - 1 - done_index)
+        _put(rows_out, _DONE, stop)
+        _join(reader, writer_thread)
+        if getattr(writer_thread, "error", None) is not None:
+            raise writer_thread.error
+        outputs.close()
+        outputs.commit()
+    except BaseException as err:
+        stop.set()
+        _join(reader, writer_thread)
+        outputs.close()
+        outputs.abort()
+        writer_error = getattr(writer_thread, "error", None)
+        if writer_error is not None and writer_error is not err:
+            raise writer_error from None  # the writer's failure is the cause, not our stop
+        raise
+    finally:
+        bar.close()
     return predicted
+
+
+def _join(*threads: threading.Thread) -> None:
+    for thread in threads:
+        if thread.ident is not None:  # started
+            thread.join()
 
 
 def _put(q: queue.Queue[Any], item: Any, stop: threading.Event) -> None:
@@ -388,8 +425,42 @@ def _make_batch(items: list[tuple[Tile, Any, Any, tuple[int, int]]]) -> TileBatc
     )
 
 
-def _write_rows(writer: LabelWriter, rows: queue.Queue[Any], stop: threading.Event) -> None:
-    """Writer thread: write finished rows in order until told it is done."""
+class _Outputs:
+    """The stages and sinks of one run, driven from the writer thread."""
+
+    def __init__(self, stages: Sequence[RowStage], sinks: Sequence[RowSink]):
+        self.stages = list(stages)
+        self.sinks = list(sinks)
+        self._committed: list[RowSink] = []
+
+    def write(self, block: RowBlock | None) -> None:
+        """Send a block through the stages to every sink; ``None`` flushes the stages."""
+        for out in run_chain(self.stages, block):
+            for sink in self.sinks:
+                sink.write(out)
+
+    def close(self) -> None:
+        for stage in self.stages:
+            stage.close()
+
+    def commit(self) -> None:
+        """Make every output appear, the class raster (first sink) last: it means the run is complete.
+
+        If one fails, it and those not yet committed are removed (by :meth:`abort`).
+        """
+        for sink in [*self.sinks[1:], self.sinks[0]]:
+            sink.commit()
+            self._committed.append(sink)
+
+    def abort(self) -> None:
+        """Remove the temporary files of every output not yet committed (never a final name)."""
+        for sink in self.sinks:
+            if sink not in self._committed:
+                sink.abort()
+
+
+def _write_rows(outputs: _Outputs, rows: queue.Queue[Any], stop: threading.Event) -> None:
+    """Writer thread: send finished rows in order to the outputs until told it is done."""
     thread = threading.current_thread()
     try:
         while True:
@@ -400,8 +471,9 @@ def _write_rows(writer: LabelWriter, rows: queue.Queue[Any], stop: threading.Eve
                     return
                 continue
             if item is _DONE:
+                outputs.write(None)
                 return
-            writer.write_rows(*item)
+            outputs.write(item)
     except BaseException as err:
         thread.error = err  # type: ignore[attr-defined]
         stop.set()

@@ -732,3 +732,66 @@ def test_output_nodata_equal_to_a_class_id_is_refused(tmp_path: Path, make_scene
     with pytest.raises(ConfigError, match="output_nodata 2 is also a class id"):
         predict_scene(src, dst, PredictConfig(output_nodata=2), model=tiny_loaded_model)
     assert not dst.exists()
+
+
+# --- the stage/sink seam (geoseg.stream) ---------------------------------------------------------------------
+
+
+class RecordingSink:
+    """A sink that keeps what it is given and writes a file on commit, like a real output."""
+
+    def __init__(self, path: Path, with_probabilities: bool, fail_commit: bool = False):
+        self.path = path
+        self.tmp = path.with_name(path.name + ".partial")
+        self.needs_probabilities = with_probabilities
+        self.fail_commit = fail_commit
+        self.blocks: list[Any] = []
+        self.tmp.write_text("")
+
+    def write(self, block: Any) -> None:
+        self.blocks.append((block.row, block.classes.copy(), block.valid.copy(),
+                            None if block.probabilities is None else block.probabilities.copy()))
+
+    def commit(self) -> None:
+        if self.fail_commit:
+            raise OSError(28, "No space left on device")
+        self.tmp.rename(self.path)
+
+    def abort(self) -> None:
+        self.tmp.unlink(missing_ok=True)
+
+
+def test_sinks_see_every_row_once_in_order_with_probabilities(
+    tmp_path: Path, make_scene, tiny_loaded_model, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = make_scene(width=150, height=230, nodata=0, invalid=border_mask(230, 150))
+    sink = RecordingSink(tmp_path / "probe.txt", with_probabilities=True)
+    monkeypatch.setattr(geoseg.pipeline, "build_sinks", lambda *args: [sink])
+    run(src, tmp_path / "labels.tif", tiny_loaded_model, tile=64, overlap=16)
+    rows = [row for row, *_ in sink.blocks]
+    heights = [classes.shape[0] for _, classes, _, _ in sink.blocks]
+    assert rows == list(np.cumsum([0, *heights[:-1]])) and sum(heights) == 230
+    classes = np.concatenate([c for _, c, _, _ in sink.blocks])
+    valid = np.concatenate([v for _, _, v, _ in sink.blocks])
+    probs = np.concatenate([p for *_, p in sink.blocks], axis=1)
+    with rasterio.open(tmp_path / "labels.tif") as ds:
+        np.testing.assert_array_equal(ds.read(1), classes)  # the class raster got the same rows
+    np.testing.assert_allclose(probs.sum(axis=0), 1, atol=1e-5)
+    ids = np.array([c.id for c in tiny_loaded_model.metadata.classes])
+    np.testing.assert_array_equal(ids[probs.argmax(axis=0)][valid], classes[valid])
+    assert (classes[~valid] == 255).all() and (~valid).any()
+    assert sink.path.exists()
+
+
+def test_a_failing_output_commit_leaves_no_output(
+    tmp_path: Path, make_scene, tiny_loaded_model, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = make_scene(width=100, height=100)
+    out = tmp_path / "out"
+    out.mkdir()
+    sink = RecordingSink(out / "extra.txt", with_probabilities=False, fail_commit=True)
+    monkeypatch.setattr(geoseg.pipeline, "build_sinks", lambda *args: [sink])
+    with pytest.raises(OSError, match="No space"):
+        run(src, out / "labels.tif", tiny_loaded_model, tile=64, overlap=16)
+    assert sink.blocks and sink.blocks[0][3] is None  # no probabilities computed when nobody needs them
+    assert_nothing_written(out)
