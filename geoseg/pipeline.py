@@ -32,6 +32,7 @@ from .errors import CheckpointError, ConfigError, NodataWarning
 from .inference import TileBatch, TilePredictor, resolve_device, resolve_precision
 from .io import LabelWriter, Scene, SceneReader, check_destination, open_scene, output_dtype
 from .modelfile import LoadedModel, ModelMetadata, load_model
+from .outputs import OutputOptions
 from .sources import Resampling, resolve_source
 from .stream import RowBlock, RowSink, RowStage, needs_probabilities, run_chain, softmax
 from .tiling import Tile, TileGrid, taper_2d
@@ -101,6 +102,7 @@ def predict_scene(
     model: LoadedModel | None = None,
     resample: Resampling | None = None,
     assets: Mapping[str, str] | Sequence[str] | None = None,
+    outputs: OutputOptions | None = None,
 ) -> PredictResult:
     """Predict a land-cover raster for one scene.
 
@@ -120,6 +122,7 @@ def predict_scene(
         model: An already loaded model (batch jobs load once); overrides ``config.model``.
         resample: Resample band files coarser than the finest one with this method (otherwise refused).
         assets: STAC asset keys, by model band name or in model band order (default: by common name).
+        outputs: Extra outputs (probabilities, statistics, polygons, ...) besides ``dst``.
 
     Returns:
         Sizes, counts and timing of the run.
@@ -132,6 +135,7 @@ def predict_scene(
     """
     started = time.perf_counter()
     config = config or PredictConfig()
+    outputs = outputs or OutputOptions()
     if model is None:
         model = load_model(config.model or default_model_path())
     if config.output_nodata in {c.id for c in model.metadata.classes}:
@@ -168,7 +172,7 @@ def predict_scene(
             "GEOSEG_SOURCE": source.tag,
         }
         stages = build_stages(scene, model.metadata, config)
-        sinks = build_sinks(scene, model.metadata, config)
+        sinks = build_sinks(scene, model.metadata, config, outputs)
         try:
             predicted = _run(scene, grid, model, predictor, config, dst_path, tags, progress, stages, sinks)
         except BaseException:
@@ -176,6 +180,7 @@ def predict_scene(
             for stage in stages:
                 stage.close()
             raise
+        finish_outputs(dst_path, scene, model, config, outputs, sinks)
     if predicted == 0:
         warnings.warn(f"{source.name}: no valid pixel; wrote an all-nodata output", NodataWarning, stacklevel=2)
     return PredictResult(
@@ -254,10 +259,16 @@ def build_stages(scene: Scene, meta: ModelMetadata, config: PredictConfig) -> li
     return stages
 
 
-def build_sinks(scene: Scene, meta: ModelMetadata, config: PredictConfig) -> list[RowSink]:
+def build_sinks(scene: Scene, meta: ModelMetadata, config: PredictConfig, outputs: OutputOptions) -> list[RowSink]:
     """Outputs besides the class raster that consume the finished rows (probabilities, statistics)."""
     sinks: list[RowSink] = []
     return sinks
+
+
+def finish_outputs(
+    dst: Path, scene: Scene, model: LoadedModel, config: PredictConfig, outputs: OutputOptions, sinks: Sequence[RowSink]
+) -> None:
+    """Outputs made from the finished class raster ``dst`` (polygons, report, STAC Item)."""
 
 
 def _run(
