@@ -233,11 +233,27 @@ def test_bf16_autocast():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             logits = model(x)
     assert logits.shape == reference.shape
-    assert logits.dtype in (torch.bfloat16, torch.float32)
+    assert logits.dtype == torch.float32  # the decoder runs in fp32 under autocast
     assert torch.isfinite(logits).all()
     spread = reference.std()
     assert (logits.float() - reference).abs().mean() < 0.05 * spread
     assert (logits.float().argmax(1) == reference.argmax(1)).float().mean() > 0.9
+
+
+def test_decoder_runs_in_fp32_under_autocast_and_encoder_in_bf16():
+    model = build(tiny_config()).eval()
+    randomize_(model)
+    x = pixels(1, 4, 64, 64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        features = model.segformer(x)
+        logits = model.decode_head(features)
+        reference = model.decode_head([f.float() for f in features])  # same input, no autocast inside
+    assert {f.dtype for f in features} == {torch.bfloat16}
+    assert logits.dtype == torch.float32
+    with torch.no_grad():
+        exact = model.decode_head([f.float() for f in features])
+    torch.testing.assert_close(logits, exact)
+    torch.testing.assert_close(reference, exact)
 
 
 # --------------------------------------------------------------------------- configs and variants
