@@ -21,6 +21,7 @@ import os
 from collections import deque
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,12 +62,12 @@ class CrfConfig:
         stretch_percentiles: Low and high percentiles of each band mapped to 0 and 255.
     """
 
-    iterations: int = 5
+    iterations: int = 1
     gaussian_sxy: float = 3.0
-    gaussian_compat: float = 3.0
-    bilateral_sxy: float = 20.0
+    gaussian_compat: float = 1.0
+    bilateral_sxy: float = 40.0
     bilateral_schan: float = 10.0
-    bilateral_compat: float = 4.0
+    bilateral_compat: float = 8.0
     block: int = 1024
     halo: int = 64
     workers: int | None = None
@@ -371,7 +372,13 @@ class CrfStage:
     def _refined(self, band: _Band) -> RowBlock:
         classes = band.classes.copy()
         for col, width, future in band.jobs:
-            indexes = future.result()
+            try:
+                indexes = future.result()
+            except BrokenProcessPool as err:
+                raise ConfigError(
+                    f"{self.scene.label}: a CRF worker process died at rows {band.row}-{band.row + len(classes)} "
+                    f"(out of memory?); try a smaller crf block or fewer crf workers"
+                ) from err
             core = classes[:, col:col + width]
             np.copyto(core, self.class_ids[indexes], where=band.valid[:, col:col + width])
         return RowBlock(band.row, classes, band.valid, band.probabilities)

@@ -54,7 +54,7 @@ def test_crf_recovers_regions_better_than_argmax_of_blurred_unaries() -> None:
     before = (probabilities.argmax(axis=0) == truth).mean()
     refined = refine_block(probabilities, features, valid, CrfConfig().params())
     after = (refined == truth).mean()
-    # Measured: 0.856 before, 0.9998 after. Stated margin: at least 10 points better, and 98 % right.
+    # Measured: 0.856 before, 0.999 after. Stated margin: at least 10 points better, and 98 % right.
     assert before < 0.9 and after >= before + 0.10 and after >= 0.98, (before, after)
 
 
@@ -139,7 +139,7 @@ def test_blocks_with_halo_agree_with_whole_image_crf(tmp_path: Path, monkeypatch
     ids = np.array([c.id for c in meta.classes])
     with rasterio.open(out) as dst:
         blocks = dst.read(1)
-    agreement = (ids[whole] == blocks).mean()
+    agreement = (ids[whole] == blocks).mean()  # measured: 0.997
     assert agreement >= 0.99, agreement
     # The CRF did change the map (else agreement would say nothing).
     assert (ids[probabilities.argmax(axis=0)] != blocks).mean() > 0.01
