@@ -197,23 +197,28 @@ def refine_block(
         ``(height, width)`` uint8 indexes into the model's classes (arbitrary where not valid).
     """
     import pydensecrf.densecrf as dcrf
-    from pydensecrf.utils import create_pairwise_bilateral
+    from pydensecrf.utils import create_pairwise_bilateral, create_pairwise_gaussian
 
     num_classes, height, width = probabilities.shape
     n = height * width
     unary = -np.log(np.maximum(probabilities.reshape(num_classes, n), _PROBABILITY_FLOOR))
     unary[:, ~valid.reshape(n)] = math.log(num_classes)  # uniform: nodata has no opinion
-    validity = valid.astype(np.float32)[..., None]
-    # NOTE: both kernels carry the validity channel (scaled far apart), so the "Gaussian" term
-    # is built as a bilateral one on that channel alone.
-    spectral = np.where(valid, features, 0).astype(np.float32)  # what nodata holds never matters
-    image = np.concatenate([np.moveaxis(spectral, 0, -1), validity], axis=-1)
-    schan = (params.bilateral_schan,) * features.shape[0] + (1.0 / _VALIDITY_SEPARATION,)
+    spectral = np.moveaxis(np.where(valid, features, 0).astype(np.float32), 0, -1)  # nodata's values never matter
+    schan = (params.bilateral_schan,) * features.shape[0]
+    if valid.all():
+        gaussian = create_pairwise_gaussian((params.gaussian_sxy,) * 2, (height, width))
+        bilateral = create_pairwise_bilateral((params.bilateral_sxy,) * 2, schan, spectral, chdim=2)
+    else:
+        # NOTE: both kernels carry a validity channel (scaled far apart), so the "Gaussian" term is
+        # built as a bilateral one on that channel alone. Only here: a lattice dimension costs time.
+        validity = valid.astype(np.float32)[..., None]
+        separation = (1.0 / _VALIDITY_SEPARATION,)
+        gaussian = create_pairwise_bilateral((params.gaussian_sxy,) * 2, separation, validity, chdim=2)
+        image = np.concatenate([spectral, validity], axis=-1)
+        bilateral = create_pairwise_bilateral((params.bilateral_sxy,) * 2, schan + separation, image, chdim=2)
 
     crf = dcrf.DenseCRF(n, num_classes)
     crf.setUnaryEnergy(np.ascontiguousarray(unary, dtype=np.float32))
-    gaussian = create_pairwise_bilateral((params.gaussian_sxy,) * 2, (1.0 / _VALIDITY_SEPARATION,), validity, chdim=2)
-    bilateral = create_pairwise_bilateral((params.bilateral_sxy,) * 2, schan, image, chdim=2)
     if params.gaussian_compat > 0:
         crf.addPairwiseEnergy(gaussian, compat=float(params.gaussian_compat))
     if params.bilateral_compat > 0:
