@@ -11,7 +11,9 @@ Prints figures; asserts nothing. Run from the repository root:
 (b) the overhead of ``geoseg predict --crf`` over ``geoseg predict`` on the Zion scene
     (1128 x 1428 px), each in a subprocess, wall clock including start-up;
 (c) accuracy with and without the CRF (bundled model, default CRF settings): the validation rows
-    800-999 (where the defaults were chosen) and the test strip 1032-1427 (reported only).
+    800-999 (where the defaults were chosen) and the test strip 1032-1427 (reported only);
+(d) peak memory of one worker process running one default-sized block (1024 px + 64 px halo on
+    every side; the Zion scene is 1128 px wide, so 1128 x 1152 px).
 """
 
 from __future__ import annotations
@@ -88,6 +90,36 @@ def crf_megapixels_per_s(blocks: list, workers: int, block_px: int, halo: int) -
     return scene.width * scene.height / 1e6 / seconds
 
 
+def _block_peak_rss(*args) -> int:
+    """Runs in a fresh worker: one CRF block, then the process's peak RSS in bytes."""
+    import resource
+
+    from geoseg.crf import refine_block
+
+    refine_block(*args)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def worker_peak_rss(blocks: list, rows: int) -> int:
+    from concurrent.futures import ProcessPoolExecutor
+
+    from geoseg.crf import CrfConfig, _pool_context, scene_stretch, stretch_to_bytes
+    from geoseg.io import open_scene
+    from geoseg.modelfile import load_model
+    from geoseg.pipeline import default_model_path
+
+    import rasterio
+
+    scene = open_scene(str(IMAGE), load_model(default_model_path()).metadata)
+    probabilities = np.concatenate([b.probabilities for b in blocks], axis=1)[:, :rows]
+    with rasterio.open(IMAGE) as src:
+        features = stretch_to_bytes(src.read()[:, :rows], *scene_stretch(scene))
+    valid = np.ones(probabilities.shape[1:], bool)
+    with ProcessPoolExecutor(1, mp_context=_pool_context()) as pool:
+        return pool.submit(_block_peak_rss, np.ascontiguousarray(probabilities), features, valid,
+                           CrfConfig().params()).result()
+
+
 def predict_seconds(out: Path, *extra: str) -> float:
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "geoseg", "predict", str(IMAGE), str(out), "--overwrite", "-q", *extra],
@@ -117,6 +149,9 @@ def main() -> None:
     for workers in sorted({1, cores}):
         rate = crf_megapixels_per_s(blocks, workers, args.block, args.halo)
         print(f"(a) CRF, {workers} worker(s), {args.block} px blocks + {args.halo} px halo: {rate:.3f} MP/s")
+
+    rss = worker_peak_rss(blocks, rows=1024 + 2 * 64)
+    print(f"(d) one worker, one {blocks[0].classes.shape[1]} x 1152 px block: peak RSS {rss / 2**20:.0f} MiB")
 
     with tempfile.TemporaryDirectory() as tmp:
         plain, refined = Path(tmp) / "plain.tif", Path(tmp) / "crf.tif"
