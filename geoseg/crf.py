@@ -89,7 +89,9 @@ class CrfConfig:
         if not _is_int(self.halo) or not 0 <= self.halo <= self.block:
             raise ConfigError(f"crf halo must be an integer in 0..block ({self.block}), got {self.halo!r}")
         if self.workers is not None and (not _is_int(self.workers) or self.workers < 1):
-            raise ConfigError(f"crf workers must be a positive integer (or null for all cores), got {self.workers!r}")
+            raise ConfigError(
+                f"crf workers must be a positive integer (or null for all cores), got {self.workers!r}"
+            )
         low_high = self.stretch_percentiles
         if (
             not isinstance(low_high, tuple)
@@ -97,7 +99,9 @@ class CrfConfig:
             or not all(_is_number(p) for p in low_high)
             or not 0 <= low_high[0] < low_high[1] <= 100
         ):
-            raise ConfigError(f"crf stretch_percentiles must be [low, high] with 0 <= low < high <= 100, got {low_high!r}")
+            raise ConfigError(
+                f"crf stretch_percentiles must be [low, high] with 0 <= low < high <= 100, got {low_high!r}"
+            )
 
     @property
     def worker_count(self) -> int:
@@ -124,7 +128,7 @@ def _is_number(value: Any) -> bool:
 
 
 def crf_config_from_mapping(values: Any, source: str = "config") -> CrfConfig | None:
-    """A YAML ``crf:`` value as a :class:`CrfConfig`: ``true`` (defaults), ``false``/``null`` (off) or a mapping.
+    """A YAML ``crf:`` value: ``true`` (defaults), ``false``/``null`` (off), a mapping.
 
     Raises:
         ConfigError: Not one of those, an unknown key, or an invalid value.
@@ -142,7 +146,8 @@ def crf_config_from_mapping(values: Any, source: str = "config") -> CrfConfig | 
     for raw_key, value in values.items():
         key = str(raw_key).replace("-", "_")
         if key not in known:
-            raise ConfigError(f"{source}: unknown crf key {raw_key!r}; known keys: {', '.join(sorted(known))}")
+            known_keys = ", ".join(sorted(known))
+            raise ConfigError(f"{source}: unknown crf key {raw_key!r}; known keys: {known_keys}")
         if key == "stretch_percentiles" and isinstance(value, list):
             value = tuple(value)
         settings[key] = value
@@ -203,7 +208,8 @@ def refine_block(
     n = height * width
     unary = -np.log(np.maximum(probabilities.reshape(num_classes, n), _PROBABILITY_FLOOR))
     unary[:, ~valid.reshape(n)] = math.log(num_classes)  # uniform: nodata has no opinion
-    spectral = np.moveaxis(np.where(valid, features, 0).astype(np.float32), 0, -1)  # nodata's values never matter
+    # What nodata pixels hold never matters: zeroed.
+    spectral = np.moveaxis(np.where(valid, features, 0).astype(np.float32), 0, -1)
     schan = (params.bilateral_schan,) * features.shape[0]
     if valid.all():
         gaussian = create_pairwise_gaussian((params.gaussian_sxy,) * 2, (height, width))
@@ -223,7 +229,8 @@ def refine_block(
         crf.addPairwiseEnergy(gaussian, compat=float(params.gaussian_compat))
     if params.bilateral_compat > 0:
         crf.addPairwiseEnergy(bilateral, compat=float(params.bilateral_compat))
-    marginals = np.asarray(crf.inference(params.iterations), dtype=np.float32).reshape(num_classes, height, width)
+    marginals = np.asarray(crf.inference(params.iterations), dtype=np.float32)
+    marginals = marginals.reshape(num_classes, height, width)
     if crop is not None:
         top, left, h, w = crop
         marginals = marginals[:, top:top + h, left:left + w]
@@ -235,7 +242,8 @@ def stretch_to_bytes(
 ) -> npt.NDArray[np.uint8]:
     """Map each band of ``(C, h, w)`` pixels linearly from [low, high] to 0..255, clipped."""
     scale = 255.0 / np.maximum(high - low, 1e-12)
-    out = (pixels.astype(np.float32) - low[:, None, None].astype(np.float32)) * scale[:, None, None].astype(np.float32)
+    out = pixels.astype(np.float32) - low[:, None, None].astype(np.float32)
+    out *= scale[:, None, None].astype(np.float32)
     np.nan_to_num(out, copy=False, nan=0.0)
     return np.clip(out, 0, 255, out=out).astype(np.uint8)
 
@@ -381,14 +389,14 @@ class CrfStage:
                 indexes = future.result()
             except BrokenProcessPool as err:
                 raise ConfigError(
-                    f"{self.scene.label}: a CRF worker process died at rows {band.row}-{band.row + len(classes)} "
-                    f"(out of memory?); try a smaller crf block or fewer crf workers"
+                    f"{self.scene.label}: a CRF worker process died at row {band.row}"
+                    " (out of memory?); try a smaller crf block or fewer crf workers"
                 ) from err
             core = classes[:, col:col + width]
             np.copyto(core, self.class_ids[indexes], where=band.valid[:, col:col + width])
         return RowBlock(band.row, classes, band.valid, band.probabilities)
 
-    def _rows(self, start: int, stop: int) -> tuple[npt.NDArray[Any], npt.NDArray[Any], npt.NDArray[Any] | None]:
+    def _rows(self, start: int, stop: int) -> tuple[npt.NDArray[Any], npt.NDArray[Any], npt.NDArray[Any]]:
         """Classes, valid and probabilities of held rows ``start..stop``."""
         parts = [b for b in self._held if b.row < stop and b.row + b.height > start]
         cuts = [slice(max(start - b.row, 0), min(stop - b.row, b.height)) for b in parts]
