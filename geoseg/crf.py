@@ -29,7 +29,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ._lazy import lazy_import
-from .errors import ConfigError
+from .errors import ConfigError, InputError
 from .stream import RowBlock
 
 log = logging.getLogger(__name__)
@@ -343,8 +343,7 @@ class CrfStage:
         self.max_bands = max(1, -(-2 * self.workers // blocks_per_band))
         self._src = _open(scene.path)
         self._pool: ProcessPoolExecutor | None = None
-        self._held: list[RowBlock] = []  # consecutive rows from self._held_row on
-        self._held_row = 0
+        self._held: list[RowBlock] = []  # consecutive rows, from the next band's halo on
         self._next_band = 0  # first row of the next band to submit
         self._bands: deque[_Band] = deque()
 
@@ -359,6 +358,7 @@ class CrfStage:
                 break
             self._submit_band(self._next_band, band_end)
             yield from self._ready(limit=self.max_bands)
+        yield from self._ready(limit=self.max_bands)
 
     def finish(self) -> Iterator[RowBlock]:
         """Submit what is left and yield every band, in order."""
@@ -408,6 +408,7 @@ class CrfStage:
         return classes, valid, probabilities
 
     def _submit_band(self, band_start: int, band_end: int) -> None:
+        from rasterio.errors import RasterioError
         from rasterio.windows import Window
 
         config, width = self.config, self.scene.width
@@ -417,7 +418,11 @@ class CrfStage:
         core = slice(band_start - top, band_end - top)
         band = _Band(band_start, classes[core].copy(), valid[core].copy(), probabilities[:, core].copy(), [])
         if valid[core].any():
-            raw = self._src.read(self.scene.band_indexes, window=Window(0, top, width, bottom - top))
+            try:
+                raw = self._src.read(self.scene.band_indexes, window=Window(0, top, width, bottom - top))
+            except RasterioError as err:
+                where = f"rows {top}-{bottom}"
+                raise InputError(f"{self.scene.label}: read failed at {where} for the CRF ({err})") from err
             features = stretch_to_bytes(raw, self.low, self.high)
             for col in range(0, width, config.block):
                 col_end = min(col + config.block, width)
@@ -439,7 +444,6 @@ class CrfStage:
         # Rows above the next band's halo are no longer needed.
         keep_from = max(band_end - config.halo, 0)
         self._held = [b for b in self._held if b.row + b.height > keep_from]
-        self._held_row = keep_from
 
     def _executor(self) -> ProcessPoolExecutor:
         if self._pool is None:

@@ -151,6 +151,7 @@ def _feed(stage: CrfStage, blocks: list[RowBlock]) -> list[RowBlock]:
         out.extend(stage.push(block))
         held = sum(b.height for b in stage._held)
         assert held <= stage.config.block + 2 * stage.config.halo + block.height  # bounded buffer
+        assert len(stage._bands) <= stage.max_bands  # bounded work in flight
     out.extend(stage.finish())
     return out
 
