@@ -102,6 +102,9 @@ RESAMPLINGS = ("nearest", "bilinear", "cubic")  # geoseg.sources.Resampling (not
 @click.option("--threads", type=int, help="CPU threads for the network [all cores].")
 @click.option("--compile", "compile", is_flag=True, default=None,
               help="torch.compile the network (the first batch compiles, ~1 min for B0 on a CPU) [off].")
+@click.option("--crf/--no-crf", "crf", default=None,
+              help="Refine the class map with a dense CRF (settings: a crf: section in --config) [off].")
+@click.option("--crf-workers", type=int, help="Worker processes for the CRF; implies --crf [all cores].")
 @click.option("--band-files", multiple=True, help="Files stacked band after band in model band order, "
               "repeatable or comma-separated; give DST alone.")
 @click.option("--resample", type=click.Choice(RESAMPLINGS),
@@ -130,6 +133,7 @@ def predict(paths: tuple[str, ...], config_file: str | None, overwrite: bool, ve
       geoseg predict B04.tif,B03.tif,B02.tif,B08.tif out.tif
       geoseg predict --band-files B04.tif,B03.tif,B02.tif,B05.tif --resample bilinear out.tif
       geoseg predict item.json out.tif --assets red=B04,green=B03,blue=B02,nir=B08
+      geoseg predict scene.tif out.tif --crf --config configs/predict-crf.yaml
     """
     _configure_logging(verbose, quiet)
     if band_files:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from .crf import CrfConfig, crf_config_from_mapping
 from .errors import ConfigError
 
 Device = str  # "auto", "cpu", "cuda" or "cuda:N"
@@ -47,6 +48,7 @@ class PredictConfig:
         threads: Intra-op CPU threads for torch; ``None`` leaves torch's default (all cores).
         compile: Run the network through ``torch.compile`` (the first batch compiles, about a
             minute for B0 on a CPU; needs a C++ compiler). No effect on ONNX models.
+        crf: Refine the class map with a dense CRF (:mod:`geoseg.crf`); ``None``: no CRF.
     """
 
     model: str | None = None
@@ -63,6 +65,7 @@ class PredictConfig:
     prefetch_batches: int = 2
     threads: int | None = None
     compile: bool = False
+    crf: CrfConfig | None = None
 
     def __post_init__(self) -> None:
         if self.tile is not None and (not isinstance(self.tile, int) or self.tile < 32):
@@ -95,6 +98,8 @@ class PredictConfig:
             raise ConfigError(f"threads must be a positive integer, got {self.threads!r}")
         if not isinstance(self.compile, bool):
             raise ConfigError(f"compile must be true or false, got {self.compile!r}")
+        if self.crf is not None and not isinstance(self.crf, CrfConfig):
+            raise ConfigError(f"crf must be a CrfConfig or None, got {self.crf!r}")
 
     def replace(self, **changes: Any) -> PredictConfig:
         """Return a copy with ``changes`` applied (and validated)."""
@@ -136,6 +141,8 @@ def config_from_mapping(values: Mapping[str, Any], source: str = "config") -> di
                 value = tuple(value)
             else:
                 raise ConfigError(f"{source}: bands must be a list such as [4, 3, 2, 8], got {value!r}")
+        if key == "crf":
+            value = crf_config_from_mapping(value, source)
         settings[key] = value
     return settings
 
@@ -171,13 +178,22 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 def build_config(file_settings: Mapping[str, Any] | None = None, **cli_settings: Any) -> PredictConfig:
     """Merge settings by precedence: defaults < config file < CLI flags actually given.
 
-    CLI values of ``None`` mean "not given" and do not override the file.
+    CLI values of ``None`` mean "not given" and do not override the file. ``crf`` from the CLI
+    is a switch: ``True`` keeps the file's CRF settings (or takes the defaults), ``False`` turns
+    the CRF off; ``crf_workers`` sets the CRF's worker processes (and turns it on).
 
     Raises:
         ConfigError: A value is invalid.
     """
     merged: dict[str, Any] = dict(file_settings or {})
+    cli_settings = dict(cli_settings)
+    crf_switch, crf_workers = cli_settings.pop("crf", None), cli_settings.pop("crf_workers", None)
     merged.update({k: v for k, v in cli_settings.items() if v is not None})
+    if crf_switch is False:
+        merged["crf"] = None
+    elif crf_switch or crf_workers is not None:
+        crf = merged.get("crf") or CrfConfig()
+        merged["crf"] = crf if crf_workers is None else dataclasses.replace(crf, workers=crf_workers)
     try:
         return PredictConfig(**merged)
     except TypeError as err:  # a wrong-typed value that the dataclass cannot take

@@ -254,8 +254,19 @@ def block_cache_bytes(scene: Scene, grid: TileGrid, block_rows: int | None = Non
 
 
 def build_stages(scene: Scene, meta: ModelMetadata, config: PredictConfig) -> list[RowStage]:
-    """Stages between the blender and the outputs, in order (e.g. CRF refinement)."""
+    """Stages between the blender and the outputs, in order (e.g. CRF refinement).
+
+    Raises:
+        DependencyNotFoundError: ``config.crf`` is set but pydensecrf is not installed
+            (checked here, before any inference).
+    """
     stages: list[RowStage] = []
+    if config.crf is not None:
+        from .crf import CrfStage
+
+        dtype = output_dtype(meta.classes, config.output_nodata)
+        class_ids = np.array([c.id for c in meta.classes], dtype=dtype)
+        stages.append(CrfStage(scene, class_ids, config.output_nodata, config.crf))
     return stages
 
 
