@@ -11,7 +11,7 @@ Prints figures; asserts nothing. Run from the repository root:
 (b) end to end: ``geoseg predict`` in a subprocess on a real scene (mosaics of the shared Zion
     Landsat 8 scene, built by bench/scenes.py), wall clock including start-up (import, model
     load), so use a big scene (default 8192 px) for the ratio.
-Peak RSS comes from ``os.wait4`` on each ``geoseg predict`` child process.
+Peak RSS is each ``geoseg predict`` child's own VmHWM (bench/peak.py says why not ``os.wait4``).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peak import run_with_peak  # noqa: E402
 from scenes import OUT, build_mosaic  # noqa: E402
 
 from geoseg.config import PredictConfig  # noqa: E402
@@ -64,16 +64,9 @@ def model_only_tiles_per_s(model, tile: int, batch: int, device, precision: str,
 
 
 def run_predict(scene: Path, model: Path, extra: list[str]) -> tuple[float, float]:
-    """Run ``geoseg predict`` as a child; returns (wall seconds, peak RSS in MiB)."""
+    """Run ``geoseg predict`` as a child; returns (wall seconds, the child's own peak RSS in MiB)."""
     out = OUT / f"{scene.stem}_pred.tif"
-    cmd = [sys.executable, "-m", "geoseg", "predict", str(scene), str(out), "--model", str(model), "-q", "--overwrite", *extra]
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    if status != 0:
-        raise SystemExit(f"geoseg predict failed on {scene} (status {status})")
-    return wall, usage.ru_maxrss / 1024
+    return run_with_peak(["geoseg", "predict", str(scene), str(out), "--model", str(model), "-q", "--overwrite", *extra])
 
 
 def main() -> None:
