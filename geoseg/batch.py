@@ -355,12 +355,18 @@ def local_cluster_size(scenes: int, workers: int | None = None) -> tuple[int, in
 def local_client(workers: int) -> Iterator[Client]:
     """A ``distributed.LocalCluster`` of ``workers`` single-task worker processes on loopback, and its client.
 
-    A scene whose worker dies is retried once, then fails (``allowed-failures``).
+    A scene whose worker dies is retried once, then fails (``allowed-failures``). Each worker is
+    given one scene at a time (``worker-saturation`` 1), so a dying worker takes down only the
+    scene it was running, not one merely queued on it.
     """
     dask = _import_dask()
     from distributed import Client, LocalCluster
 
-    with dask.config.set({"distributed.scheduler.allowed-failures": MAX_ATTEMPTS - 1}):
+    settings = {
+        "distributed.scheduler.allowed-failures": MAX_ATTEMPTS - 1,
+        "distributed.scheduler.worker-saturation": 1.0,
+    }
+    with dask.config.set(settings):
         cluster = LocalCluster(
             n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
             dashboard_address="127.0.0.1:0", silence_logs=logging.ERROR,
@@ -637,7 +643,8 @@ class _Driver:
             self.manifest.upsert(
                 scene.input, status=outcome.status, attempts=max(self.attempts.get(key, 1), 1),
                 worker=outcome.worker, worker_pid=outcome.worker_pid, started_at=outcome.started_at,
-                finished_at=outcome.finished_at, model_load_seconds=outcome.model_load_seconds,
+                finished_at=outcome.finished_at, model_loaded=outcome.model_loaded,
+                model_load_seconds=outcome.model_load_seconds,
                 predict_seconds=outcome.predict_seconds, width=outcome.width, height=outcome.height,
                 output_sha256=outcome.output_sha256, output_size=outcome.output_size, error=outcome.error,
             )

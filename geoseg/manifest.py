@@ -42,6 +42,7 @@ CREATE TABLE IF NOT EXISTS scenes (
     worker_pid INTEGER,
     width INTEGER,
     height INTEGER,
+    model_loaded INTEGER,            -- 1 when this scene's worker loaded the model for it (once per worker)
     model_load_seconds REAL,         -- 0 when the worker had the model loaded already
     predict_seconds REAL,
     started_at REAL,                 -- Unix time of the latest attempt's start
@@ -82,6 +83,7 @@ class SceneRecord:
     worker_pid: int | None = None
     width: int | None = None
     height: int | None = None
+    model_loaded: bool | None = None
     model_load_seconds: float | None = None
     predict_seconds: float | None = None
     started_at: float | None = None
