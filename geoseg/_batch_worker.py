@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -23,6 +24,10 @@ if TYPE_CHECKING:
     from .modelfile import LoadedModel
 
 log = logging.getLogger(__name__)
+
+# glibc <malloc.h> mallopt parameters.
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
 
 
 @dataclass(frozen=True)
@@ -41,8 +46,6 @@ class SceneJob:
     assets: Mapping[str, str] | Sequence[str] | None = None
 
 
-
-
 class ModelCache(WorkerPlugin):
     """A dask worker plugin holding the models a worker has loaded, keyed by file sha256.
 
@@ -52,7 +55,6 @@ class ModelCache(WorkerPlugin):
 
     def __init__(self) -> None:
         self.models: dict[str, LoadedModel] = {}
-        self.loads = 0
         self._lock = threading.Lock()
 
     def __getstate__(self) -> dict[str, Any]:
@@ -62,7 +64,8 @@ class ModelCache(WorkerPlugin):
         self.__init__()  # type: ignore[misc]
 
     def setup(self, worker: Any) -> None:
-        """Called by dask when the plugin is registered on a worker (nothing to prepare)."""
+        """Called by dask in each worker process when the plugin is registered: tune malloc."""
+        restore_malloc_thresholds()
 
     def teardown(self, worker: Any) -> None:
         """Called by dask when the plugin is removed: drop the models."""
@@ -83,7 +86,6 @@ class ModelCache(WorkerPlugin):
             if model.sha256 != sha256:
                 raise CheckpointError(f"{path}: the model file changed since the batch started; run the batch again")
             self.models[sha256] = model
-            self.loads += 1
             return model, True
 
 
@@ -144,6 +146,27 @@ def predict_task(job: SceneJob) -> SceneOutcome:
             "failed", **report, finished_at=time.time(), model_loaded=loaded, model_load_seconds=load_seconds,
             error=one_line(err),
         )
+
+
+def restore_malloc_thresholds() -> None:
+    """Undo the small fixed malloc thresholds a dask nanny gives its workers (glibc only).
+
+    The nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``, which also freezes glibc's
+    mmap threshold at 128 KiB: every tile-sized array is then a fresh mmap and page faults, and a
+    scene took 1.5-2x as long (bench/bench_batch.py). Thresholds like glibc's own dynamic ones
+    (32 MiB mmap, 64 MiB trim) bring the speed back; memory is still returned to the OS.
+    """
+    if "MALLOC_TRIM_THRESHOLD_" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
+        libc.mallopt(M_TRIM_THRESHOLD, 64 << 20)
+    except (OSError, AttributeError):  # not glibc (musl): nothing to undo
+        log.debug("mallopt unavailable; malloc thresholds left as they are")
 
 
 def _worker_device(device: str, worker_name: Any) -> str:

@@ -475,14 +475,9 @@ def run_batch(
         with _client_for(client, workers, len(to_run), config) as (active, run_config):
             run_id = uuid.uuid4().hex[:12]
             manifest.start_run(run_id, _scheduler_address(active))
-            for scene in planned:
-                if scene.action == "skip":
-                    manifest.upsert(scene.input, status="skipped", run_id=run_id)
-                    summary.skipped += 1
-                elif scene.action == "refuse":
-                    manifest_failed(manifest, scene, scene.reason, run_id, model_sha256, config_hash)
-                    summary.failed += 1
-                    summary.failures.append((scene.input, scene.reason))
+            with manifest.transaction():
+                for scene in planned:
+                    _record_planned(manifest, scene, run_id, model_sha256, config_hash, summary)
             if to_run and active is not None:
                 summary.dashboard = active.dashboard_link if _has_dashboard(active) else None
                 summary.workers = len(active.scheduler_info().get("workers", {}))
@@ -497,7 +492,7 @@ def run_batch(
                     )
                     for i, p in enumerate(to_run)
                 ]
-                _Driver(active, manifest, run_id, model_sha256, config_hash, on_error, summary).run(jobs, to_run)
+                _Driver(active, manifest, run_id, on_error, summary).run(jobs, to_run)
             for scene in to_run:
                 remove_stale_temporaries(scene.output)  # left by attempts whose worker was killed
             summary.seconds = time.perf_counter() - started
@@ -526,29 +521,34 @@ def _has_dashboard(client: Client) -> bool:
     return "dashboard" in client.scheduler_info().get("services", {})
 
 
-def manifest_failed(
-    manifest: Manifest, scene: PlannedScene, error: str, run_id: str, model_sha256: str, config_hash: str
+def _record_planned(
+    manifest: Manifest, scene: PlannedScene, run_id: str, model_sha256: str, config_hash: str, summary: BatchSummary
 ) -> None:
-    """Record a scene refused before it reached a worker."""
+    """Write what the plan decided: skipped, refused (failed before reaching a worker), or queued."""
+    if scene.action == "skip":
+        manifest.upsert(scene.input, status="skipped", run_id=run_id)
+        summary.skipped += 1
+        return
+    # NOTE: a queued row carries this run's fingerprints from the start, so a driver that
+    # crashes from here on leaves rows that the next run redoes.
+    status, error = ("failed", scene.reason) if scene.action == "refuse" else ("queued", None)
     manifest.upsert(
-        scene.input, status="failed", error=error, run_id=run_id, input_size=scene.input_size,
+        scene.input, status=status, error=error, run_id=run_id, input_size=scene.input_size,
         input_mtime_ns=scene.input_mtime_ns, model_sha256=model_sha256, config_hash=config_hash,
-        output=scene.output, attempts=0, geoseg_version=__version__,
+        output=scene.output, attempts=0, worker=None, worker_pid=None, geoseg_version=__version__,
     )
+    if scene.action == "refuse":
+        summary.failed += 1
+        summary.failures.append((scene.input, scene.reason))
 
 
 class _Driver:
     """Submits the scenes, follows their starts and results, and writes them to the manifest."""
 
-    def __init__(
-        self, client: Client, manifest: Manifest, run_id: str, model_sha256: str, config_hash: str,
-        on_error: OnError, summary: BatchSummary,
-    ):
+    def __init__(self, client: Client, manifest: Manifest, run_id: str, on_error: OnError, summary: BatchSummary):
         self.client = client
         self.manifest = manifest
         self.run_id = run_id
-        self.model_sha256 = model_sha256
-        self.config_hash = config_hash
         self.on_error = on_error
         self.summary = summary
         self.events: queue.Queue[tuple[float, dict[str, Any]]] = queue.Queue()
@@ -571,14 +571,6 @@ class _Driver:
         self.client.register_plugin(ModelCache(), name=plugin)
         self.client.subscribe_topic(topic, self.events.put)
         self.scenes = {job.key: scene for job, scene in zip(jobs, planned)}
-        for job, scene in zip(jobs, planned):
-            # NOTE: written before submission so that a driver crash from here on leaves rows the
-            # next run redoes, and this run's fingerprints are on the row from the start.
-            self.manifest.upsert(
-                scene.input, status="queued", attempts=0, run_id=self.run_id, input_size=scene.input_size,
-                input_mtime_ns=scene.input_mtime_ns, model_sha256=self.model_sha256, config_hash=self.config_hash,
-                output=scene.output, error=None, worker=None, worker_pid=None, geoseg_version=__version__,
-            )
         self.futures: dict[str, Future] = {
             job.key: self.client.submit(predict_task, job, key=job.key, pure=False) for job in jobs
         }

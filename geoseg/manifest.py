@@ -104,7 +104,8 @@ _COLUMNS = [f.name for f in fields(SceneRecord)]
 class Manifest:
     """The manifest of one out dir, open for writing by the batch driver.
 
-    Every method commits its own transaction before returning.
+    Every method commits its own transaction before returning, unless called inside
+    :meth:`transaction`.
     """
 
     def __init__(self, path: str | os.PathLike[str]):
@@ -120,7 +121,11 @@ class Manifest:
             raise OutputError(f"{self.path}: cannot open the batch manifest ({err})") from err
 
     @contextmanager
-    def _transaction(self) -> Iterator[None]:
+    def transaction(self) -> Iterator[None]:
+        """Group changes into one transaction (one fsync); nested calls join the outer one."""
+        if self._db.in_transaction:
+            yield
+            return
         self._db.execute("BEGIN IMMEDIATE")
         try:
             yield
@@ -146,7 +151,7 @@ class Manifest:
         names = ", ".join(values)
         marks = ", ".join("?" for _ in values)
         updates = ", ".join(f"{name} = excluded.{name}" for name in values)
-        with self._transaction():
+        with self.transaction():
             self._db.execute(
                 f"INSERT INTO scenes (input, {names}) VALUES (?, {marks}) ON CONFLICT(input) DO UPDATE SET {updates}",
                 (input, *values.values()),
@@ -154,7 +159,7 @@ class Manifest:
 
     def start_run(self, run_id: str, scheduler: str) -> None:
         """Record that a run began (the host and pid say who held the out-dir lock)."""
-        with self._transaction():
+        with self.transaction():
             self._db.execute(
                 "INSERT INTO runs (run_id, pid, host, scheduler, started_at) VALUES (?, ?, ?, ?, ?)",
                 (run_id, os.getpid(), os.uname().nodename, scheduler, time.time()),
@@ -162,7 +167,7 @@ class Manifest:
 
     def finish_run(self, run_id: str, done: int, skipped: int, failed: int) -> None:
         """Record the end of a run and its counts."""
-        with self._transaction():
+        with self.transaction():
             self._db.execute(
                 "UPDATE runs SET finished_at = ?, done = ?, skipped = ?, failed = ? WHERE run_id = ?",
                 (time.time(), done, skipped, failed, run_id),

@@ -255,6 +255,67 @@ def test_outputs_that_the_batch_did_not_write_are_not_replaced(
     assert (out / "scene_landcover.tif").read_bytes() == b"someone else's file"
 
 
+def test_on_error_stop_leaves_the_rest_for_the_next_run(
+    client: Any, tmp_path: Path, make_scene: Any, tiny_model_file: Path
+) -> None:
+    scenes = make_scenes(make_scene, 6, width=384, height=384)
+    bad = corrupt_scene(tmp_path, scenes[0])
+    inputs = [str(bad), *map(str, scenes)]  # the corrupt scene is submitted first
+    out = tmp_path / "out"
+    config = PredictConfig(model=str(tiny_model_file))
+    stopped = run_batch(inputs, out, config, client=client, on_error="stop")
+    assert not stopped.ok and stopped.total == 7 and stopped.not_run >= 1
+    rows = {r.input: r for r in read_manifest(out)}
+    assert rows[str(bad)].status == "failed"
+    statuses = [rows[str(s)].status for s in scenes]
+    assert statuses.count("queued") == stopped.not_run  # never started: left for the next run
+    assert statuses.count("done") == stopped.done
+    for scene in scenes:
+        if rows[str(scene)].status == "queued":
+            assert not (out / f"{scene.stem}_landcover.tif").exists()
+
+    rest = run_batch(inputs, out, config, client=client)
+    assert (rest.done, rest.skipped, rest.failed) == (6 - stopped.done, stopped.done, 1)
+
+
+def test_a_killed_driver_leaves_a_manifest_the_next_run_completes(
+    client: Any, tmp_path: Path, make_scene: Any, tiny_model_file: Path
+) -> None:
+    scenes = make_scenes(make_scene, 6, width=384, height=384)
+    out = tmp_path / "out"
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "geoseg", "batch", str(tmp_path / "scene*.tif"), "--out-dir", str(out),
+         "--scheduler", client.scheduler.address, "--model", str(tiny_model_file), "-q"],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    crashed: dict[str, str] = {}
+    deadline = time.monotonic() + CLUSTER_TIMEOUT_S
+    while driver.poll() is None and time.monotonic() < deadline:
+        try:
+            crashed = {r.input: r.status for r in read_manifest(out)}
+        except OutputError:  # not created yet
+            crashed = {}
+        if "running" in crashed.values():
+            driver.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    driver.wait()
+    assert driver.returncode == -signal.SIGKILL
+    crashed = {r.input: r.status for r in read_manifest(out)}  # readable right after the crash
+    unfinished = [scene for scene, status in crashed.items() if status in ("queued", "running")]
+    assert unfinished
+
+    config = PredictConfig(model=str(tiny_model_file))
+    summary = run_batch([str(s) for s in scenes], out, config, client=client)
+    assert summary.ok and summary.done + summary.skipped == 6 and summary.done >= len(unfinished)
+    rows = {r.input: r for r in read_manifest(out)}
+    assert all(rows[scene].status == "done" for scene in unfinished)
+    for scene in scenes:
+        assert_same_raster(out / f"{scene.stem}_landcover.tif",
+                           predict_scene(scene, tmp_path / f"ref_{scene.name}", config).dst)
+    assert no_temporaries(out)
+
+
 def test_killed_worker_scene_is_retried_once_then_failed(
     client: Any, tmp_path: Path, make_scene: Any, make_model_file: Any
 ) -> None:
@@ -346,6 +407,12 @@ def external_cluster(tmp_path: Path) -> Iterator[str]:
             address = probe.scheduler.address
         yield address
     finally:
+        if scheduler_file.exists():
+            try:
+                with Client(scheduler_file=str(scheduler_file), timeout=30) as stopper:
+                    stopper.shutdown()  # the scheduler closes its workers: quicker than signals
+            except (OSError, TimeoutError):
+                pass
         for process in reversed(processes):
             process.terminate()
         for process in reversed(processes):
