@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from distributed import WorkerPlugin, get_worker
 
 from ._version import __version__
+from .batch import MAX_ATTEMPTS, attempts_file, died_message
 from .config import PredictConfig
 from .errors import CheckpointError, GeosegError
 
@@ -111,16 +112,22 @@ class SceneOutcome:
 def predict_task(job: SceneJob) -> SceneOutcome:
     """Run one scene on a dask worker; every error becomes a ``failed`` outcome, not a task error.
 
-    Reports the start through the dask event ``job.topic`` first, so the driver marks the scene
-    ``running`` (and counts the attempts) while it is in progress.
+    Counts the start in the scene's attempts file first: a start after :data:`MAX_ATTEMPTS`
+    (the worker of each earlier one died) fails at once. Then reports the start through the dask
+    event ``job.topic``, so the driver marks the scene ``running`` while it is in progress.
     """
     from .modelfile import file_sha256
     from .pipeline import predict_scene
 
     worker = get_worker()
     started = time.time()
-    worker.log_event(job.topic, {"key": job.key, "pid": os.getpid(), "worker": worker.address, "at": started})
     report = {"worker": worker.address, "worker_pid": os.getpid(), "started_at": started}
+    attempt = register_attempt(job.output, worker.address)
+    if attempt > MAX_ATTEMPTS:
+        # dask reschedules a dead worker's scene up to its allowed-failures; geoseg allows one retry.
+        return SceneOutcome("failed", **report, finished_at=time.time(), error=died_message(MAX_ATTEMPTS))
+    worker.log_event(job.topic, {"key": job.key, "pid": os.getpid(), "worker": worker.address, "at": started,
+                                 "attempt": attempt})
     loaded, load_seconds = False, 0.0
     try:
         cache = worker.plugins.get(job.plugin)
@@ -146,6 +153,18 @@ def predict_task(job: SceneJob) -> SceneOutcome:
             "failed", **report, finished_at=time.time(), model_loaded=loaded, model_load_seconds=load_seconds,
             error=one_line(err),
         )
+
+
+def register_attempt(output: str, worker: str) -> int:
+    """Append this start to the attempts file of ``output``; returns how many starts it lists.
+
+    A file beside the output, not worker memory, because the worker of an earlier start is gone.
+    """
+    path = attempts_file(output)
+    with open(path, "a") as f:
+        f.write(f"{os.getpid()} {worker} {time.time():.3f}\n")
+    with open(path) as f:
+        return sum(1 for _ in f)
 
 
 def restore_malloc_thresholds() -> None:

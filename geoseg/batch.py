@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TEMPLATE = "{stem}_landcover.tif"
 LOCK_NAME = ".geoseg-batch.lock"
+ATTEMPTS_MARKER = ".geoseg-attempts"
 OnError = Literal["continue", "stop"]
 #: Starts of one scene on a worker: the first, and one retry after its worker died.
 MAX_ATTEMPTS = 2
@@ -214,8 +215,19 @@ def _decide(
     return "skip", "done before"
 
 
+def attempts_file(output: str) -> Path:
+    """The file beside ``output`` that counts the starts of its scene in this run (one line each)."""
+    target = Path(output)
+    return target.with_name(f".{target.name}{ATTEMPTS_MARKER}")
+
+
+def died_message(attempts: int) -> str:
+    """The error of a scene whose workers died."""
+    return f"worker died during prediction {attempts} times (killed or out of memory)"
+
+
 def remove_stale_temporaries(output: str) -> list[Path]:
-    """Delete the temporary files a killed prediction of ``output`` left beside it; returns them.
+    """Delete the temporary files a killed prediction of ``output`` left beside it, and its attempts file.
 
     Only safe while holding the out-dir lock and with no task of this batch running.
     """
@@ -223,6 +235,7 @@ def remove_stale_temporaries(output: str) -> list[Path]:
 
     target = Path(output)
     stale = [Path(p) for p in glob.glob(glob.escape(str(target.parent / f".{target.name}{TMP_MARKER}")) + "*")]
+    stale.append(attempts_file(output))
     for path in stale:
         path.unlink(missing_ok=True)
     return stale
@@ -355,18 +368,15 @@ def local_cluster_size(scenes: int, workers: int | None = None) -> tuple[int, in
 def local_client(workers: int) -> Iterator[Client]:
     """A ``distributed.LocalCluster`` of ``workers`` single-task worker processes on loopback, and its client.
 
-    A scene whose worker dies is retried once, then fails (``allowed-failures``). Each worker is
-    given one scene at a time (``worker-saturation`` 1), so a dying worker takes down only the
-    scene it was running, not one merely queued on it.
+    Each worker is given one scene at a time where dask queues tasks (``worker-saturation`` 1), so
+    a dying worker takes down only the scene it was running. (How often a scene is retried after
+    its worker died is counted by geoseg itself, see :func:`attempts_file`: dask also counts the
+    deaths of workers a scene was merely queued on.)
     """
     dask = _import_dask()
     from distributed import Client, LocalCluster
 
-    settings = {
-        "distributed.scheduler.allowed-failures": MAX_ATTEMPTS - 1,
-        "distributed.scheduler.worker-saturation": 1.0,
-    }
-    with dask.config.set(settings):
+    with dask.config.set({"distributed.scheduler.worker-saturation": 1.0}):
         cluster = LocalCluster(
             n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
             dashboard_address="127.0.0.1:0", silence_logs=logging.ERROR,
@@ -469,9 +479,9 @@ def run_batch(
         planned = plan_scenes(scenes, out, manifest, model_sha256, config_hash, template=template, force=force)
         summary = BatchSummary(out_dir=out, manifest=manifest.path)
         to_run = [p for p in planned if p.action == "run"]
-        for scene in planned:
-            if scene.action == "run":
-                remove_stale_temporaries(scene.output)
+        for scene in to_run:
+            Path(scene.output).parent.mkdir(parents=True, exist_ok=True)  # a template may name subfolders
+            remove_stale_temporaries(scene.output)
         with _client_for(client, workers, len(to_run), config) as (active, run_config):
             run_id = uuid.uuid4().hex[:12]
             manifest.start_run(run_id, _scheduler_address(active))
@@ -605,13 +615,8 @@ class _Driver:
             key = msg.get("key")
             if key not in self.scenes or key in self.finished:
                 continue  # a late start event of a scene already recorded
-            self.attempts[key] = self.attempts.get(key, 0) + 1
+            self.attempts[key] = msg.get("attempt", self.attempts.get(key, 0) + 1)
             scene = self.scenes[key]
-            if self.attempts[key] > MAX_ATTEMPTS:
-                # A cluster whose scheduler retries more than once (its allowed-failures): cap it here.
-                self.client.cancel(self.futures[key])
-                self._record_failure(key, f"worker died during prediction {MAX_ATTEMPTS} times (killed or out of memory)")
-                continue
             if self.attempts[key] > 1:
                 log.warning("%s: its worker died; trying again on %s", scene.input, msg.get("worker"))
             self.manifest.upsert(
@@ -651,8 +656,8 @@ class _Driver:
             self._record_failure(key, "cancelled by the scheduler (lost the connection, or the cluster closed)")
             return "failed"
         error = future.exception()
-        if isinstance(error, KilledWorker):
-            message = f"worker died during prediction {MAX_ATTEMPTS} times (killed or out of memory)"
+        if isinstance(error, KilledWorker):  # dask gave up first (its allowed-failures)
+            message = died_message(error.allowed_failures + 1)
         else:
             message = one_line(error)
         self._record_failure(key, message)

@@ -197,6 +197,8 @@ def read_manifest(path: str | os.PathLike[str]) -> list[SceneRecord]:
         raise OutputError(f"{path}: no batch manifest here")
     try:
         with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)) as db:
+            if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'scenes'").fetchone():
+                return []  # created a moment ago; its tables are not committed yet
             return _select_all(db)
     except sqlite3.DatabaseError as err:
         raise OutputError(f"{path}: not a readable geoseg manifest ({err})") from err

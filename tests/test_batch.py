@@ -167,6 +167,24 @@ def test_cli_batch_refuses_a_locked_out_dir(runner: Any, tmp_path: Path, make_sc
     assert not (tmp_path / "out" / "scene_landcover.tif").exists()
 
 
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--template", "{date}.tif"], "output template '{date}.tif': 'date'; it may use {stem}"),
+        (["--template", "../{stem}.tif"], "must name a file inside the out dir"),
+        (["--tile", "16"], "tile must be an integer of at least 32 pixels"),
+    ],
+)
+def test_cli_batch_bad_settings_are_one_line(runner: Any, tmp_path: Path, make_scene: Any, tiny_model_file: Path,
+                                             extra: list[str], message: str) -> None:
+    scene = make_scene()
+    result = runner.invoke(main, ["batch", str(scene), "--out-dir", str(tmp_path / "out"),
+                                  "--model", str(tiny_model_file), *extra])
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], result.output
+
+
 # ---------------------------------------------------------------------------------------------
 # On a 2-worker LocalCluster
 
@@ -367,7 +385,7 @@ def test_cli_batch_local_cluster_reports_a_failing_scene(runner: Any, tmp_path: 
     listing = tmp_path / "scenes.txt"
     listing.write_text(f"{scene.name}\n{bad.name}\n")
     result = runner.invoke(main, ["batch", f"@{listing}", "--out-dir", str(tmp_path / "out"), "--workers", "1",
-                                  "--model", str(tiny_model_file), "--template", "{stem}.class.tif"])
+                                  "--model", str(tiny_model_file), "--template", "maps/{stem}.class.tif"])
     assert result.exit_code == 1, result.output
     assert "Traceback" not in result.output
     lines = result.output.splitlines()
@@ -375,7 +393,7 @@ def test_cli_batch_local_cluster_reports_a_failing_scene(runner: Any, tmp_path: 
     assert lines[header + 1].split()[:5] == ["2", "1", "0", "1", "0"]
     assert any(line.startswith("failed: ") and "corrupt.tif" in line for line in lines)
     assert lines[-1] == f"Error: 1 of 2 scenes not done; see {tmp_path / 'out' / MANIFEST_NAME}"
-    assert_same_raster(tmp_path / "out" / "scene.class.tif",
+    assert_same_raster(tmp_path / "out" / "maps" / "scene.class.tif",
                        predict_scene(scene, tmp_path / "ref.tif", PredictConfig(model=str(tiny_model_file))).dst)
 
 
