@@ -12,7 +12,8 @@ names, so every scene costs the same. Three ways to predict them all:
     the sum of their wall-clock times;
 (b) ``geoseg batch`` with N worker processes (a local dask cluster), wall clock of the whole
     command including start-up, cluster start and the manifest.
-Overhead of the batch machinery = (b with 1 worker) / (a) - 1.
+Overhead of the batch machinery = (b with 1 worker) / (a) - 1; and, within (b), the wall time
+not spent in predict_scene (start-up, cluster start, model loads, manifest, scheduling).
 """
 
 from __future__ import annotations
@@ -93,7 +94,8 @@ def main() -> None:
         predict = sum(r.predict_seconds or 0 for r in records)
         rows.append((f"(b) geoseg batch, {workers} worker(s)", wall))
         print(f"  {workers} worker(s): predict_scene time summed over scenes {predict:.1f} s, "
-              f"model loads {sum(bool(r.model_loaded) for r in records)}")
+              f"model loads {sum(bool(r.model_loaded) for r in records)}, wall minus predict time per worker "
+              f"(start-up, cluster, model loads, manifest, scheduling) {wall - predict / workers:.1f} s")
 
     print(f"\n{'':34} {'wall s':>8} {'scenes/h':>9} {'MP/s':>6}")
     for name, seconds in rows:

@@ -55,10 +55,6 @@ MAX_ATTEMPTS = 2
 SPEED_ONLY_FIELDS = ("model", "threads", "prefetch_batches", "batch_size", "compile")
 
 
-# ---------------------------------------------------------------------------------------------
-# Planning: inputs, output names, fingerprints
-
-
 def expand_inputs(items: Sequence[str]) -> list[str]:
     """Turn files, globs and ``@list.txt`` files into the list of scenes, in order, without repeats.
 
@@ -241,10 +237,6 @@ def remove_stale_temporaries(output: str) -> list[Path]:
     return stale
 
 
-# ---------------------------------------------------------------------------------------------
-# The out-dir lock
-
-
 class OutDirLock:
     """An exclusive ``flock`` on ``OUT_DIR/.geoseg-batch.lock``, holding the owner's pid and host.
 
@@ -290,10 +282,6 @@ class OutDirLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
-
-
-# ---------------------------------------------------------------------------------------------
-# The driver
 
 
 @dataclass

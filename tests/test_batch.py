@@ -73,10 +73,6 @@ def no_temporaries(folder: Path) -> bool:
     return not [p for p in folder.iterdir() if TMP_MARKER in p.name]
 
 
-# ---------------------------------------------------------------------------------------------
-# Planning and the manifest, without a cluster
-
-
 def test_expand_inputs_files_globs_and_lists(tmp_path: Path) -> None:
     for name in ("b.tif", "a.tif", "c.jp2"):
         (tmp_path / name).touch()
@@ -183,10 +179,6 @@ def test_cli_batch_bad_settings_are_one_line(runner: Any, tmp_path: Path, make_s
     assert result.exit_code == 1, result.output
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], result.output
-
-
-# ---------------------------------------------------------------------------------------------
-# On a 2-worker LocalCluster
 
 
 def test_batch_equals_predict_one_by_one_and_loads_the_model_once_per_worker(
@@ -372,10 +364,6 @@ def test_killed_worker_scene_is_retried_once_then_failed(
     assert rows[str(twice)].status == "failed" and "worker died during prediction 2 times" in rows[str(twice)].error
     assert not (out / "twice_landcover.tif").exists()
     assert no_temporaries(out)  # the killed attempts' temporary files are cleaned up
-
-
-# ---------------------------------------------------------------------------------------------
-# The command line: a local cluster, and a scheduler with workers in separate processes
 
 
 def test_cli_batch_local_cluster_reports_a_failing_scene(runner: Any, tmp_path: Path, make_scene: Any,
