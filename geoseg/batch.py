@@ -190,12 +190,12 @@ def _decide(
     config_hash: str,
     force: bool,
 ) -> tuple[Literal["run", "skip", "refuse"], str]:
-    if record is None:
-        if os.path.lexists(output) and not force:
-            return "refuse", f"{output}: exists but this out dir's manifest did not write it; move it or use --force"
-        return "run", "new"
     if force:
         return "run", "forced"
+    if os.path.lexists(output) and not _written_by_batch(record, output):
+        return "refuse", f"{output}: exists but this out dir's manifest did not write it; move it or use --force"
+    if record is None:
+        return "run", "new"
     if record.status not in COMPLETE:
         return "run", "interrupted" if record.status in ("queued", "running") else f"{record.status} before"
     if (record.input_size, record.input_mtime_ns) != (size, mtime_ns):
@@ -220,6 +220,13 @@ def attempts_file(output: str) -> Path:
 def died_message(attempts: int) -> str:
     """The error of a scene whose workers died."""
     return f"worker died during prediction {attempts} times (killed or out of memory)"
+
+
+def _written_by_batch(record: SceneRecord | None, output: str) -> bool:
+    """Whether a file at ``output`` can be this batch's: recorded, or written by a run that was cut short."""
+    if record is None or record.output != output:
+        return False
+    return record.output_sha256 is not None or record.attempts > 0 or record.status in ("queued", "running")
 
 
 def remove_stale_temporaries(output: str) -> list[Path]:
@@ -467,6 +474,8 @@ def run_batch(
         planned = plan_scenes(scenes, out, manifest, model_sha256, config_hash, template=template, force=force)
         summary = BatchSummary(out_dir=out, manifest=manifest.path)
         to_run = [p for p in planned if p.action == "run"]
+        if on_error == "stop" and any(p.action == "refuse" for p in planned):
+            summary.not_run, to_run = len(to_run), []  # a failure already: run nothing (rows stay queued)
         for scene in to_run:
             Path(scene.output).parent.mkdir(parents=True, exist_ok=True)  # a template may name subfolders
             remove_stale_temporaries(scene.output)

@@ -259,9 +259,13 @@ def test_outputs_that_the_batch_did_not_write_are_not_replaced(
     out = tmp_path / "out"
     out.mkdir()
     (out / "scene_landcover.tif").write_bytes(b"someone else's file")
-    summary = run_batch([str(scene)], out, PredictConfig(model=str(tiny_model_file)), client=client)
-    assert (summary.failed, summary.done) == (1, 0)
-    assert "exists but this out dir's manifest did not write it" in summary.failures[0][1]
+    other = make_scene("other.tif", seed=1)
+    config = PredictConfig(model=str(tiny_model_file))
+    stopped = run_batch([str(scene), str(other)], out, config, client=client, on_error="stop")
+    assert (stopped.failed, stopped.done, stopped.not_run) == (1, 0, 1)  # stop: nothing runs after a failure
+    assert "exists but this out dir's manifest did not write it" in stopped.failures[0][1]
+    summary = run_batch([str(scene), str(other)], out, config, client=client)
+    assert (summary.failed, summary.done) == (1, 1)
     assert (out / "scene_landcover.tif").read_bytes() == b"someone else's file"
 
 
