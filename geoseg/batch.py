@@ -60,7 +60,8 @@ def expand_inputs(items: Sequence[str]) -> list[str]:
 
     A list file holds one path or GDAL URI per line; blank lines and ``#`` comments are ignored,
     and relative paths are relative to the list file. URIs (``s3://``, ``https://``, ``/vsi...``)
-    are kept as given; local paths become absolute.
+    are kept as given; local paths become absolute. A scene may be band files joined by commas,
+    as predict takes them; its output is named after the first.
 
     Raises:
         InputError: A list file cannot be read, or a glob matches nothing.
@@ -76,16 +77,26 @@ def expand_inputs(items: Sequence[str]) -> list[str]:
             for line in lines:
                 line = line.strip()
                 if line and not line.startswith("#"):
-                    scenes.append(line if _is_uri(line) else str(list_path.parent / line))
+                    scenes.append(_canonical(line, list_path.parent))
         elif not _is_uri(item) and glob.has_magic(item):
             matches = sorted(glob.glob(item))
             if not matches:
                 raise InputError(f"{item}: the pattern matches no file")
-            scenes.extend(matches)
+            scenes.extend(_canonical(match) for match in matches)
         else:
-            scenes.append(item)
-    canonical = [s if _is_uri(s) else os.path.abspath(s) for s in scenes]
-    return list(dict.fromkeys(canonical))
+            scenes.append(_canonical(item))
+    return list(dict.fromkeys(scenes))
+
+
+def _canonical(scene: str, base: Path | None = None) -> str:
+    """Local paths absolute (relative ones from ``base``), also in comma-joined band files; URIs as given."""
+
+    def absolute(path: str) -> str:
+        return path if _is_uri(path) else os.path.abspath(os.path.join(base or "", path))
+
+    if "," in scene and "?" not in scene and not os.path.exists(absolute(scene)):  # as resolve_source splits
+        return ",".join(absolute(part) for part in scene.split(","))
+    return absolute(scene)
 
 
 def _is_uri(text: str) -> bool:

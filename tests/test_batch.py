@@ -77,10 +77,11 @@ def test_expand_inputs_files_globs_and_lists(tmp_path: Path) -> None:
     for name in ("b.tif", "a.tif", "c.jp2"):
         (tmp_path / name).touch()
     listing = tmp_path / "list.txt"
-    listing.write_text("# nightly\nc.jp2\n\ns3://bucket/x/scene.tif\n" + str(tmp_path / "a.tif") + "\n")
+    listing.write_text("# nightly\nc.jp2\n\ns3://bucket/x/scene.tif\n" + str(tmp_path / "a.tif") + "\n"
+                       "a.tif,b.tif\n")
     scenes = expand_inputs([str(tmp_path / "*.tif"), f"@{listing}"])
     assert scenes == [str(tmp_path / "a.tif"), str(tmp_path / "b.tif"), str(tmp_path / "c.jp2"),
-                      "s3://bucket/x/scene.tif"]
+                      "s3://bucket/x/scene.tif", f"{tmp_path / 'a.tif'},{tmp_path / 'b.tif'}"]
     with pytest.raises(InputError, match="matches no file"):
         expand_inputs([str(tmp_path / "*.nothing")])
     with pytest.raises(InputError, match="missing.txt"):
