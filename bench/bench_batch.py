@@ -68,41 +68,73 @@ def main() -> None:
     scenes = make_scenes(args.scenes, args.scene_px)
     megapixels = args.scenes * args.scene_px**2 / 1e6
     geoseg = [sys.executable, "-m", "geoseg"]
-    print(f"{args.scenes} scenes of {args.scene_px} x {args.scene_px} px ({megapixels:.1f} MP), "
-          f"model {args.model.name}, {len(os.sched_getaffinity(0))} cores")
+    print(
+        f"{args.scenes} scenes of {args.scene_px} x {args.scene_px} px ({megapixels:.1f} MP), "
+        f"model {args.model.name}, {len(os.sched_getaffinity(0))} cores"
+    )
 
     singles_dir = OUT / "batch_single"
     singles_dir.mkdir(exist_ok=True)
     single = 0.0
     for scene in scenes:
-        single += run([*geoseg, "predict", str(scene), str(singles_dir / f"{scene.stem}_landcover.tif"),
-                       "--model", str(args.model), "--overwrite", "-q"])
+        single += run(
+            [
+                *geoseg,
+                "predict",
+                str(scene),
+                str(singles_dir / f"{scene.stem}_landcover.tif"),
+                "--model",
+                str(args.model),
+                "--overwrite",
+                "-q",
+            ]
+        )
     rows = [("(a) geoseg predict one by one", single)]
 
     for workers in (int(w) for w in args.workers.split(",")):
         out_dir = OUT / f"batch_{workers}w"
         shutil.rmtree(out_dir, ignore_errors=True)
-        wall = run([*geoseg, "batch", *map(str, scenes), "--out-dir", str(out_dir), "--workers", str(workers),
-                    "--model", str(args.model), "-q"])
+        wall = run(
+            [
+                *geoseg,
+                "batch",
+                *map(str, scenes),
+                "--out-dir",
+                str(out_dir),
+                "--workers",
+                str(workers),
+                "--model",
+                str(args.model),
+                "-q",
+            ]
+        )
         records = read_manifest(out_dir)
         if {r.status for r in records} != {"done"}:
             raise SystemExit(f"batch on {workers} worker(s) did not finish every scene: see {out_dir}")
-        for scene, record in zip(scenes, records):
-            with rasterio.open(singles_dir / f"{scene.stem}_landcover.tif") as a, rasterio.open(record.output) as b:
+        for scene, record in zip(scenes, records, strict=True):
+            with (
+                rasterio.open(singles_dir / f"{scene.stem}_landcover.tif") as a,
+                rasterio.open(record.output) as b,
+            ):
                 if not (np.array_equal(a.read(), b.read()) and a.transform == b.transform and a.crs == b.crs):
                     print(f"  note: {record.output} differs from the single predict's output")
         predict = sum(r.predict_seconds or 0 for r in records)
         rows.append((f"(b) geoseg batch, {workers} worker(s)", wall))
-        print(f"  {workers} worker(s): predict_scene time summed over scenes {predict:.1f} s, "
-              f"model loads {sum(bool(r.model_loaded) for r in records)}, wall minus predict time per worker "
-              f"(start-up, cluster, model loads, manifest, scheduling) {wall - predict / workers:.1f} s")
+        print(
+            f"  {workers} worker(s): predict_scene time summed over scenes {predict:.1f} s, "
+            f"model loads {sum(bool(r.model_loaded) for r in records)}, wall minus predict time per worker "
+            f"(start-up, cluster, model loads, manifest, scheduling) {wall - predict / workers:.1f} s"
+        )
 
     print(f"\n{'':34} {'wall s':>8} {'scenes/h':>9} {'MP/s':>6}")
     for name, seconds in rows:
         print(f"{name:34} {seconds:8.1f} {args.scenes * 3600 / seconds:9.0f} {megapixels / seconds:6.2f}")
     one_worker = dict(rows).get("(b) geoseg batch, 1 worker(s)")
     if one_worker:
-        print(f"\noverhead of batch (1 worker) against the sum of single predicts: {one_worker / single - 1:+.1%}")
+        print(
+            "\noverhead of batch (1 worker) against the sum of single predicts: "
+            f"{one_worker / single - 1:+.1%}"
+        )
 
 
 if __name__ == "__main__":

@@ -85,7 +85,9 @@ class ModelCache(WorkerPlugin):
                 return self.models[sha256], False
             model = load_model(path)
             if model.sha256 != sha256:
-                raise CheckpointError(f"{path}: the model file changed since the batch started; run the batch again")
+                raise CheckpointError(
+                    f"{path}: the model file changed since the batch started; run the batch again"
+                )
             self.models[sha256] = model
             return model, True
 
@@ -126,8 +128,10 @@ def predict_task(job: SceneJob) -> SceneOutcome:
     if attempt > MAX_ATTEMPTS:
         # dask reschedules a dead worker's scene up to its allowed-failures; geoseg allows one retry.
         return SceneOutcome("failed", **report, finished_at=time.time(), error=died_message(MAX_ATTEMPTS))
-    worker.log_event(job.topic, {"key": job.key, "pid": os.getpid(), "worker": worker.address, "at": started,
-                                 "attempt": attempt})
+    worker.log_event(
+        job.topic,
+        {"key": job.key, "pid": os.getpid(), "worker": worker.address, "at": started, "attempt": attempt},
+    )
     loaded, load_seconds = False, 0.0
     try:
         cache = worker.plugins.get(job.plugin)
@@ -138,19 +142,35 @@ def predict_task(job: SceneJob) -> SceneOutcome:
         load_seconds = time.perf_counter() - clock if loaded else 0.0
         config = job.config.replace(device=_worker_device(job.config.device, worker.name))
         result = predict_scene(
-            job.input, job.output, config, model=model, overwrite=True,
-            resample=job.resample, assets=job.assets,  # type: ignore[arg-type]
+            job.input,
+            job.output,
+            config,
+            model=model,
+            overwrite=True,
+            resample=job.resample,
+            assets=job.assets,  # type: ignore[arg-type]
         )
         return SceneOutcome(
-            "done", **report, finished_at=time.time(), model_loaded=loaded, model_load_seconds=load_seconds,
-            predict_seconds=result.seconds, width=result.width, height=result.height,
-            output_sha256=file_sha256(job.output), output_size=os.path.getsize(job.output),
+            "done",
+            **report,
+            finished_at=time.time(),
+            model_loaded=loaded,
+            model_load_seconds=load_seconds,
+            predict_seconds=result.seconds,
+            width=result.width,
+            height=result.height,
+            output_sha256=file_sha256(job.output),
+            output_size=os.path.getsize(job.output),
         )
     except Exception as err:  # noqa: BLE001 - one scene's failure, whatever it is, must not stop the batch
         if not isinstance(err, GeosegError):
             log.exception("%s: unexpected error", job.input)  # the traceback stays in the worker's log
         return SceneOutcome(
-            "failed", **report, finished_at=time.time(), model_loaded=loaded, model_load_seconds=load_seconds,
+            "failed",
+            **report,
+            finished_at=time.time(),
+            model_loaded=loaded,
+            model_load_seconds=load_seconds,
             error=one_line(err),
         )
 
@@ -209,5 +229,3 @@ def one_line(err: BaseException) -> str:
 def geoseg_version() -> str:
     """This worker's geoseg version (run on every worker to check geoseg is importable there)."""
     return __version__
-
-

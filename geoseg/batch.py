@@ -73,7 +73,9 @@ def expand_inputs(items: Sequence[str]) -> list[str]:
             try:
                 lines = list_path.read_text().splitlines()
             except OSError as err:
-                raise InputError(f"{list_path}: cannot read the list of scenes ({err.strerror or err})") from err
+                raise InputError(
+                    f"{list_path}: cannot read the list of scenes ({err.strerror or err})"
+                ) from err
             for line in lines:
                 line = line.strip()
                 if line and not line.startswith("#"):
@@ -117,12 +119,14 @@ def output_name(scene: str, template: str = DEFAULT_TEMPLATE) -> str:
             f"output template {template!r}: {err}; it may use {{stem}}, {{name}} and {{parent}}"
         ) from None
     if not name or os.path.isabs(name) or ".." in Path(name).parts:
-        raise ConfigError(f"output template {template!r} gives {name!r}; it must name a file inside the out dir")
+        raise ConfigError(
+            f"output template {template!r} gives {name!r}; it must name a file inside the out dir"
+        )
     return name
 
 
 def input_fingerprint(scene: str) -> tuple[int | None, int | None]:
-    """Size in bytes and modification time (ns) of a local input; ``(None, None)`` for URIs or missing files."""
+    """Size in bytes and modification time (ns) of a local input; ``(None, None)`` for URIs, missing files."""
     if _is_uri(scene):
         return None, None
     try:
@@ -182,7 +186,8 @@ def plan_scenes(
         output = str(out_dir / output_name(scene, template))
         if output in owner:
             raise ConfigError(
-                f"{scene} and {owner[output]} would both write {output}; use a --template with {{parent}} or {{name}}"
+                f"{scene} and {owner[output]} would both write {output}; "
+                "use a --template with {parent} or {name}"
             )
         owner[output] = scene
         size, mtime_ns = input_fingerprint(scene)
@@ -204,7 +209,10 @@ def _decide(
     if force:
         return "run", "forced"
     if os.path.lexists(output) and not _written_by_batch(record, output):
-        return "refuse", f"{output}: exists but this out dir's manifest did not write it; move it or use --force"
+        return (
+            "refuse",
+            f"{output}: exists but this out dir's manifest did not write it; move it or use --force",
+        )
     if record is None:
         return "run", "new"
     if record.status not in COMPLETE:
@@ -248,7 +256,9 @@ def remove_stale_temporaries(output: str) -> list[Path]:
     from .io import TMP_MARKER
 
     target = Path(output)
-    stale = [Path(p) for p in glob.glob(glob.escape(str(target.parent / f".{target.name}{TMP_MARKER}")) + "*")]
+    stale = [
+        Path(p) for p in glob.glob(glob.escape(str(target.parent / f".{target.name}{TMP_MARKER}")) + "*")
+    ]
     stale.append(attempts_file(output))
     for path in stale:
         path.unlink(missing_ok=True)
@@ -348,7 +358,9 @@ class BatchSummary:
             f"{self.scenes_per_hour:>9.0f}",
         ]
         # Most errors name their file already.
-        lines += [f"failed: {error if scene in error else f'{scene}: {error}'}" for scene, error in self.failures]
+        lines += [
+            f"failed: {error if scene in error else f'{scene}: {error}'}" for scene, error in self.failures
+        ]
         lines.append(f"manifest: {self.manifest}")
         return "\n".join(lines)
 
@@ -384,8 +396,12 @@ def local_client(workers: int) -> Iterator[Client]:
 
     with dask.config.set({"distributed.scheduler.worker-saturation": 1.0}):
         cluster = LocalCluster(
-            n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
-            dashboard_address="127.0.0.1:0", silence_logs=logging.ERROR,
+            n_workers=workers,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address="127.0.0.1:0",
+            silence_logs=logging.ERROR,
         )
     try:
         with Client(cluster) as client:
@@ -408,7 +424,9 @@ def connect(address: str, timeout: float = 60) -> Client:
             return Client(scheduler_file=address, timeout=timeout)
         return Client(address, timeout=timeout)
     except (OSError, TimeoutError) as err:
-        raise ConfigError(f"--scheduler {address}: cannot reach a dask scheduler ({' '.join(str(err).split())})") from None
+        raise ConfigError(
+            f"--scheduler {address}: cannot reach a dask scheduler ({' '.join(str(err).split())})"
+        ) from None
 
 
 def _import_dask() -> Any:
@@ -482,7 +500,9 @@ def run_batch(
     except OSError as err:
         raise OutputError(f"{out}: cannot create the out dir ({err.strerror or err})") from err
     with OutDirLock(out), Manifest(out / MANIFEST_NAME) as manifest:
-        planned = plan_scenes(scenes, out, manifest, model_sha256, config_hash, template=template, force=force)
+        planned = plan_scenes(
+            scenes, out, manifest, model_sha256, config_hash, template=template, force=force
+        )
         summary = BatchSummary(out_dir=out, manifest=manifest.path)
         to_run = [p for p in planned if p.action == "run"]
         if on_error == "stop" and any(p.action == "refuse" for p in planned):
@@ -499,14 +519,26 @@ def run_batch(
             if to_run and active is not None:
                 summary.dashboard = active.dashboard_link if _has_dashboard(active) else None
                 summary.workers = len(active.scheduler_info().get("workers", {}))
-                log.info("%d scenes to predict (%d done before) on %d dask workers at %s; dashboard: %s",
-                         len(to_run), summary.skipped, summary.workers, active.scheduler.address,
-                         summary.dashboard or "none (pip install bokeh)")
+                log.info(
+                    "%d scenes to predict (%d done before) on %d dask workers at %s; dashboard: %s",
+                    len(to_run),
+                    summary.skipped,
+                    summary.workers,
+                    active.scheduler.address,
+                    summary.dashboard or "none (pip install bokeh)",
+                )
                 jobs = [
                     SceneJob(
-                        input=p.input, output=p.output, config=run_config, model_path=model_path,
-                        model_sha256=model_sha256, key=f"geoseg-scene-{run_id}-{i}", topic=f"geoseg-batch-{run_id}",
-                        plugin=f"geoseg-models-{run_id}", resample=resample, assets=assets,
+                        input=p.input,
+                        output=p.output,
+                        config=run_config,
+                        model_path=model_path,
+                        model_sha256=model_sha256,
+                        key=f"geoseg-scene-{run_id}-{i}",
+                        topic=f"geoseg-batch-{run_id}",
+                        plugin=f"geoseg-models-{run_id}",
+                        resample=resample,
+                        assets=assets,
                     )
                     for i, p in enumerate(to_run)
                 ]
@@ -540,7 +572,12 @@ def _has_dashboard(client: Client) -> bool:
 
 
 def _record_planned(
-    manifest: Manifest, scene: PlannedScene, run_id: str, model_sha256: str, config_hash: str, summary: BatchSummary
+    manifest: Manifest,
+    scene: PlannedScene,
+    run_id: str,
+    model_sha256: str,
+    config_hash: str,
+    summary: BatchSummary,
 ) -> None:
     """Write what the plan decided: skipped, refused (failed before reaching a worker), or queued."""
     if scene.action == "skip":
@@ -551,9 +588,19 @@ def _record_planned(
     # crashes from here on leaves rows that the next run redoes.
     status, error = ("failed", scene.reason) if scene.action == "refuse" else ("queued", None)
     manifest.upsert(
-        scene.input, status=status, error=error, run_id=run_id, input_size=scene.input_size,
-        input_mtime_ns=scene.input_mtime_ns, model_sha256=model_sha256, config_hash=config_hash,
-        output=scene.output, attempts=0, worker=None, worker_pid=None, geoseg_version=__version__,
+        scene.input,
+        status=status,
+        error=error,
+        run_id=run_id,
+        input_size=scene.input_size,
+        input_mtime_ns=scene.input_mtime_ns,
+        model_sha256=model_sha256,
+        config_hash=config_hash,
+        output=scene.output,
+        attempts=0,
+        worker=None,
+        worker_pid=None,
+        geoseg_version=__version__,
     )
     if scene.action == "refuse":
         summary.failed += 1
@@ -563,7 +610,9 @@ def _record_planned(
 class _Driver:
     """Submits the scenes, follows their starts and results, and writes them to the manifest."""
 
-    def __init__(self, client: Client, manifest: Manifest, run_id: str, on_error: OnError, summary: BatchSummary):
+    def __init__(
+        self, client: Client, manifest: Manifest, run_id: str, on_error: OnError, summary: BatchSummary
+    ):
         self.client = client
         self.manifest = manifest
         self.run_id = run_id
@@ -588,7 +637,7 @@ class _Driver:
         topic, plugin = jobs[0].topic, jobs[0].plugin
         self.client.register_plugin(ModelCache(), name=plugin)
         self.client.subscribe_topic(topic, self.events.put)
-        self.scenes = {job.key: scene for job, scene in zip(jobs, planned)}
+        self.scenes = {job.key: scene for job, scene in zip(jobs, planned, strict=True)}
         self.futures: dict[str, Future] = {
             job.key: self.client.submit(predict_task, job, key=job.key, pure=False) for job in jobs
         }
@@ -628,8 +677,13 @@ class _Driver:
             if self.attempts[key] > 1:
                 log.warning("%s: its worker died; trying again on %s", scene.input, msg.get("worker"))
             self.manifest.upsert(
-                scene.input, status="running", attempts=self.attempts[key], worker=msg.get("worker"),
-                worker_pid=msg.get("pid"), started_at=msg.get("at"), run_id=self.run_id,
+                scene.input,
+                status="running",
+                attempts=self.attempts[key],
+                worker=msg.get("worker"),
+                worker_pid=msg.get("pid"),
+                started_at=msg.get("at"),
+                run_id=self.run_id,
             )
 
     def _handle_result(self, future: Future) -> str:
@@ -646,12 +700,21 @@ class _Driver:
             self._handle_events()  # its start event, if it came late, before the final row
             self.finished.add(key)
             self.manifest.upsert(
-                scene.input, status=outcome.status, attempts=max(self.attempts.get(key, 1), 1),
-                worker=outcome.worker, worker_pid=outcome.worker_pid, started_at=outcome.started_at,
-                finished_at=outcome.finished_at, model_loaded=outcome.model_loaded,
+                scene.input,
+                status=outcome.status,
+                attempts=max(self.attempts.get(key, 1), 1),
+                worker=outcome.worker,
+                worker_pid=outcome.worker_pid,
+                started_at=outcome.started_at,
+                finished_at=outcome.finished_at,
+                model_loaded=outcome.model_loaded,
                 model_load_seconds=outcome.model_load_seconds,
-                predict_seconds=outcome.predict_seconds, width=outcome.width, height=outcome.height,
-                output_sha256=outcome.output_sha256, output_size=outcome.output_size, error=outcome.error,
+                predict_seconds=outcome.predict_seconds,
+                width=outcome.width,
+                height=outcome.height,
+                output_sha256=outcome.output_sha256,
+                output_size=outcome.output_size,
+                error=outcome.error,
             )
             if outcome.status == "done":
                 self.summary.done += 1
@@ -661,7 +724,9 @@ class _Driver:
             self._count_failure(scene.input, outcome.error or "failed")
             return "failed"
         if future.status == "cancelled":
-            self._record_failure(key, "cancelled by the scheduler (lost the connection, or the cluster closed)")
+            self._record_failure(
+                key, "cancelled by the scheduler (lost the connection, or the cluster closed)"
+            )
             return "failed"
         error = future.exception()
         if isinstance(error, KilledWorker):  # dask gave up first (its allowed-failures)
@@ -674,8 +739,13 @@ class _Driver:
     def _record_failure(self, key: str, message: str) -> None:
         scene = self.scenes[key]
         self.finished.add(key)
-        self.manifest.upsert(scene.input, status="failed", error=message, finished_at=time.time(),
-                             attempts=self.attempts.get(key, 0))
+        self.manifest.upsert(
+            scene.input,
+            status="failed",
+            error=message,
+            finished_at=time.time(),
+            attempts=self.attempts.get(key, 0),
+        )
         self._count_failure(scene.input, message)
 
     def _count_failure(self, scene: str, message: str) -> None:
@@ -684,7 +754,7 @@ class _Driver:
         self.summary.failures.append((scene, message))
 
     def _stop(self, pending: set[Future], because: str) -> None:
-        """``--on-error stop``: cancel the rest; scenes that had started fail, the others are left as they were."""
+        """``--on-error stop``: cancel the rest; scenes that had started fail, the others stay queued."""
         self.client.cancel(list(pending))
         self._handle_events()
         for future in pending:

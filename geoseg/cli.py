@@ -88,7 +88,7 @@ RESAMPLINGS = ("nearest", "bilinear", "cubic")  # geoseg.sources.Resampling (not
 
 
 def _predict_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    """The settings of one prediction, shared by ``predict`` and ``batch`` (every scene of a batch gets them)."""
+    """The settings of one prediction, shared by ``predict`` and ``batch`` (for every scene of a batch)."""
     options = [
         click.option("--model", "model", type=click.Path(dir_okay=False),
                      help="Model file (default: the bundled model)."),
@@ -104,7 +104,8 @@ def _predict_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--compress", type=click.Choice(COMPRESSIONS), help="Output compression [deflate]."),
         click.option("--threads", type=int, help="CPU threads for the network [all cores]."),
         click.option("--compile", "compile", is_flag=True, default=None,
-                     help="torch.compile the network (the first batch compiles, ~1 min for B0 on a CPU) [off]."),
+                     help="torch.compile the network (the first batch compiles, ~1 min for B0 on a CPU) "
+                     "[off]."),
         click.option("--resample", type=click.Choice(RESAMPLINGS),
                      help="Resample band files coarser than the finest one onto its grid [refuse them]."),
         click.option("--assets", help="STAC Item assets: red=B04,green=B03,... or keys in model band order "
@@ -252,7 +253,8 @@ def batch(inputs: tuple[str, ...], out_dir: str, template: str, scheduler: str |
         click.echo(summary.format_table())
         if not summary.ok:
             raise click.ClickException(
-                f"{summary.failed + summary.not_run} of {summary.total} scenes not done; see {summary.manifest}"
+                f"{summary.failed + summary.not_run} of {summary.total} scenes not done; "
+                f"see {summary.manifest}"
             )
 
 

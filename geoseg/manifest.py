@@ -136,8 +136,10 @@ class Manifest:
 
     def get(self, input: str) -> SceneRecord | None:
         """The row of ``input``, or ``None``."""
-        row = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM scenes WHERE input = ?", (input,)).fetchone()
-        return SceneRecord(**dict(zip(_COLUMNS, row))) if row else None
+        row = self._db.execute(
+            f"SELECT {', '.join(_COLUMNS)} FROM scenes WHERE input = ?", (input,)
+        ).fetchone()
+        return SceneRecord(**dict(zip(_COLUMNS, row, strict=True))) if row else None
 
     def records(self) -> list[SceneRecord]:
         """Every row, ordered by input."""
@@ -153,7 +155,8 @@ class Manifest:
         updates = ", ".join(f"{name} = excluded.{name}" for name in values)
         with self.transaction():
             self._db.execute(
-                f"INSERT INTO scenes (input, {names}) VALUES (?, {marks}) ON CONFLICT(input) DO UPDATE SET {updates}",
+                f"INSERT INTO scenes (input, {names}) VALUES (?, {marks}) "
+                f"ON CONFLICT(input) DO UPDATE SET {updates}",
                 (input, *values.values()),
             )
 
@@ -206,4 +209,4 @@ def read_manifest(path: str | os.PathLike[str]) -> list[SceneRecord]:
 
 def _select_all(db: sqlite3.Connection) -> list[SceneRecord]:
     rows = db.execute(f"SELECT {', '.join(_COLUMNS)} FROM scenes ORDER BY input").fetchall()
-    return [SceneRecord(**dict(zip(_COLUMNS, row))) for row in rows]
+    return [SceneRecord(**dict(zip(_COLUMNS, row, strict=True))) for row in rows]

@@ -77,11 +77,17 @@ def test_expand_inputs_files_globs_and_lists(tmp_path: Path) -> None:
     for name in ("b.tif", "a.tif", "c.jp2"):
         (tmp_path / name).touch()
     listing = tmp_path / "list.txt"
-    listing.write_text("# nightly\nc.jp2\n\ns3://bucket/x/scene.tif\n" + str(tmp_path / "a.tif") + "\n"
-                       "a.tif,b.tif\n")
+    listing.write_text(
+        "# nightly\nc.jp2\n\ns3://bucket/x/scene.tif\n" + str(tmp_path / "a.tif") + "\na.tif,b.tif\n"
+    )
     scenes = expand_inputs([str(tmp_path / "*.tif"), f"@{listing}"])
-    assert scenes == [str(tmp_path / "a.tif"), str(tmp_path / "b.tif"), str(tmp_path / "c.jp2"),
-                      "s3://bucket/x/scene.tif", f"{tmp_path / 'a.tif'},{tmp_path / 'b.tif'}"]
+    assert scenes == [
+        str(tmp_path / "a.tif"),
+        str(tmp_path / "b.tif"),
+        str(tmp_path / "c.jp2"),
+        "s3://bucket/x/scene.tif",
+        f"{tmp_path / 'a.tif'},{tmp_path / 'b.tif'}",
+    ]
     with pytest.raises(InputError, match="matches no file"):
         expand_inputs([str(tmp_path / "*.nothing")])
     with pytest.raises(InputError, match="missing.txt"):
@@ -99,7 +105,9 @@ def test_output_names_from_template() -> None:
 
 def test_settings_hash_ignores_speed_only_fields() -> None:
     base = PredictConfig(tile=64)
-    assert settings_hash(base) == settings_hash(base.replace(threads=3, batch_size=16, model="other.safetensors"))
+    assert settings_hash(base) == settings_hash(
+        base.replace(threads=3, batch_size=16, model="other.safetensors")
+    )
     assert settings_hash(base) != settings_hash(base.replace(tile=128))
     assert settings_hash(base) != settings_hash(base, resample="bilinear")
 
@@ -118,7 +126,9 @@ def test_manifest_readable_after_a_writer_is_killed_mid_transaction(tmp_path: Pa
         "print('mid-transaction', flush=True)\n"
         "time.sleep(120)\n"
     )
-    writer = subprocess.Popen([sys.executable, "-c", script, str(path)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    writer = subprocess.Popen(
+        [sys.executable, "-c", script, str(path)], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
     try:
         assert writer.stdout is not None and writer.stdout.readline().strip() == "mid-transaction"
         rows = read_manifest(path)  # readable while the writer holds its transaction
@@ -138,8 +148,9 @@ def test_out_dir_lock_refuses_a_second_holder_and_dies_with_its_process(tmp_path
         "print('locked', flush=True)\n"
         "time.sleep(120)\n"
     )
-    holder = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE,
-                              text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", script, str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
         with pytest.raises(OutputError, match=f"another geoseg batch is running .*pid {holder.pid} "):
@@ -151,13 +162,15 @@ def test_out_dir_lock_refuses_a_second_holder_and_dies_with_its_process(tmp_path
         assert (tmp_path / LOCK_NAME).read_text().startswith(f"pid {os.getpid()} ")
 
 
-def test_cli_batch_refuses_a_locked_out_dir(runner: Any, tmp_path: Path, make_scene: Any,
-                                            tiny_model_file: Path) -> None:
+def test_cli_batch_refuses_a_locked_out_dir(
+    runner: Any, tmp_path: Path, make_scene: Any, tiny_model_file: Path
+) -> None:
     scene = make_scene()
     (tmp_path / "out").mkdir()
     with OutDirLock(tmp_path / "out"):
-        result = runner.invoke(main, ["batch", str(scene), "--out-dir", str(tmp_path / "out"),
-                                      "--model", str(tiny_model_file)])
+        result = runner.invoke(
+            main, ["batch", str(scene), "--out-dir", str(tmp_path / "out"), "--model", str(tiny_model_file)]
+        )
     assert result.exit_code == 1, result.output
     assert f"another geoseg batch is running on this out dir (pid {os.getpid()} " in result.output
     assert "Traceback" not in result.output
@@ -172,11 +185,14 @@ def test_cli_batch_refuses_a_locked_out_dir(runner: Any, tmp_path: Path, make_sc
         (["--tile", "16"], "tile must be an integer of at least 32 pixels"),
     ],
 )
-def test_cli_batch_bad_settings_are_one_line(runner: Any, tmp_path: Path, make_scene: Any, tiny_model_file: Path,
-                                             extra: list[str], message: str) -> None:
+def test_cli_batch_bad_settings_are_one_line(
+    runner: Any, tmp_path: Path, make_scene: Any, tiny_model_file: Path, extra: list[str], message: str
+) -> None:
     scene = make_scene()
-    result = runner.invoke(main, ["batch", str(scene), "--out-dir", str(tmp_path / "out"),
-                                  "--model", str(tiny_model_file), *extra])
+    result = runner.invoke(
+        main,
+        ["batch", str(scene), "--out-dir", str(tmp_path / "out"), "--model", str(tiny_model_file), *extra],
+    )
     assert result.exit_code == 1, result.output
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], result.output
@@ -246,7 +262,9 @@ def test_resume_skips_done_scenes_and_redoes_changed_and_failed(
     make_scene("corrupt.tif", seed=7)
     third = run_batch(inputs, out, config, client=client)
     assert (third.done, third.skipped, third.failed, third.ok) == (2, 2, 0, True)
-    assert_same_raster(out / "scene1_landcover.tif", predict_scene(scenes[1], tmp_path / "ref1.tif", config).dst)
+    assert_same_raster(
+        out / "scene1_landcover.tif", predict_scene(scenes[1], tmp_path / "ref1.tif", config).dst
+    )
     # Other settings redo everything; so does force.
     assert run_batch(inputs, out, config.replace(tile=96), client=client).done == 4
     assert run_batch(inputs, out, config.replace(tile=96), client=client).skipped == 4
@@ -299,9 +317,23 @@ def test_a_killed_driver_leaves_a_manifest_the_next_run_completes(
     scenes = make_scenes(make_scene, 6, width=384, height=384)
     out = tmp_path / "out"
     driver = subprocess.Popen(
-        [sys.executable, "-m", "geoseg", "batch", str(tmp_path / "scene*.tif"), "--out-dir", str(out),
-         "--scheduler", client.scheduler.address, "--model", str(tiny_model_file), "-q"],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "geoseg",
+            "batch",
+            str(tmp_path / "scene*.tif"),
+            "--out-dir",
+            str(out),
+            "--scheduler",
+            client.scheduler.address,
+            "--model",
+            str(tiny_model_file),
+            "-q",
+        ],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     crashed: dict[str, str] = {}
     deadline = time.monotonic() + CLUSTER_TIMEOUT_S
@@ -326,8 +358,10 @@ def test_a_killed_driver_leaves_a_manifest_the_next_run_completes(
     rows = {r.input: r for r in read_manifest(out)}
     assert all(rows[scene].status == "done" for scene in unfinished)
     for scene in scenes:
-        assert_same_raster(out / f"{scene.stem}_landcover.tif",
-                           predict_scene(scene, tmp_path / f"ref_{scene.name}", config).dst)
+        assert_same_raster(
+            out / f"{scene.stem}_landcover.tif",
+            predict_scene(scene, tmp_path / f"ref_{scene.name}", config).dst,
+        )
     assert no_temporaries(out)
 
 
@@ -336,13 +370,16 @@ def test_killed_worker_scene_is_retried_once_then_failed(
 ) -> None:
     # A full-width B0 on 768 px scenes: seconds per scene, long enough to kill a worker mid-scene.
     model = make_model_file("b0.safetensors", arch_overrides={})
-    once, twice = make_scene("once.tif", width=768, height=768, seed=1), make_scene("twice.tif", width=768,
-                                                                                    height=768, seed=2)
+    once, twice = (
+        make_scene("once.tif", width=768, height=768, seed=1),
+        make_scene("twice.tif", width=768, height=768, seed=2),
+    )
     out = tmp_path / "out"
     config = PredictConfig(model=str(model))
     result: dict[str, Any] = {}
-    batch = threading.Thread(target=lambda: result.update(summary=run_batch([str(once), str(twice)], out, config,
-                                                                            client=client)))
+    batch = threading.Thread(
+        target=lambda: result.update(summary=run_batch([str(once), str(twice)], out, config, client=client))
+    )
     batch.start()
     kills = {str(once): 1, str(twice): 2}
     killed: dict[str, list[int]] = {str(once): [], str(twice): []}
@@ -366,19 +403,36 @@ def test_killed_worker_scene_is_retried_once_then_failed(
     assert (rows[str(once)].status, rows[str(once)].attempts) == ("done", 2)
     assert rows[str(once)].worker_pid not in killed[str(once)]
     assert_same_raster(out / "once_landcover.tif", predict_scene(once, tmp_path / "ref.tif", config).dst)
-    assert rows[str(twice)].status == "failed" and "worker died during prediction 2 times" in rows[str(twice)].error
+    assert (
+        rows[str(twice)].status == "failed"
+        and "worker died during prediction 2 times" in rows[str(twice)].error
+    )
     assert not (out / "twice_landcover.tif").exists()
     assert no_temporaries(out)  # the killed attempts' temporary files are cleaned up
 
 
-def test_cli_batch_local_cluster_reports_a_failing_scene(runner: Any, tmp_path: Path, make_scene: Any,
-                                                         tiny_model_file: Path) -> None:
+def test_cli_batch_local_cluster_reports_a_failing_scene(
+    runner: Any, tmp_path: Path, make_scene: Any, tiny_model_file: Path
+) -> None:
     scene = make_scene()
     bad = corrupt_scene(tmp_path, scene)
     listing = tmp_path / "scenes.txt"
     listing.write_text(f"{scene.name}\n{bad.name}\n")
-    result = runner.invoke(main, ["batch", f"@{listing}", "--out-dir", str(tmp_path / "out"), "--workers", "1",
-                                  "--model", str(tiny_model_file), "--template", "maps/{stem}.class.tif"])
+    result = runner.invoke(
+        main,
+        [
+            "batch",
+            f"@{listing}",
+            "--out-dir",
+            str(tmp_path / "out"),
+            "--workers",
+            "1",
+            "--model",
+            str(tiny_model_file),
+            "--template",
+            "maps/{stem}.class.tif",
+        ],
+    )
     assert result.exit_code == 1, result.output
     assert "Traceback" not in result.output
     lines = result.output.splitlines()
@@ -386,21 +440,37 @@ def test_cli_batch_local_cluster_reports_a_failing_scene(runner: Any, tmp_path: 
     assert lines[header + 1].split()[:5] == ["2", "1", "0", "1", "0"]
     assert any(line.startswith("failed: ") and "corrupt.tif" in line for line in lines)
     assert lines[-1] == f"Error: 1 of 2 scenes not done; see {tmp_path / 'out' / MANIFEST_NAME}"
-    assert_same_raster(tmp_path / "out" / "maps" / "scene.class.tif",
-                       predict_scene(scene, tmp_path / "ref.tif", PredictConfig(model=str(tiny_model_file))).dst)
+    assert_same_raster(
+        tmp_path / "out" / "maps" / "scene.class.tif",
+        predict_scene(scene, tmp_path / "ref.tif", PredictConfig(model=str(tiny_model_file))).dst,
+    )
 
 
 @pytest.fixture
 def external_cluster(tmp_path: Path) -> Iterator[str]:
-    """``dask scheduler`` and ``dask worker`` (2 processes) started as separate processes; yields the address."""
+    """``dask scheduler`` and ``dask worker`` (2 processes) started as processes; yields the address."""
     from distributed import Client
 
-    env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env = os.environ | {
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    }
     scheduler_file = tmp_path / "scheduler.json"
     scheduler = subprocess.Popen(
-        [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", "0",
-         "--no-dashboard", "--scheduler-file", str(scheduler_file)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "distributed.cli.dask_scheduler",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--no-dashboard",
+            "--scheduler-file",
+            str(scheduler_file),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     processes = [scheduler]
     try:
@@ -408,9 +478,23 @@ def external_cluster(tmp_path: Path) -> Iterator[str]:
         while not scheduler_file.exists() and time.monotonic() < deadline:
             time.sleep(0.2)
         workers = subprocess.Popen(
-            [sys.executable, "-m", "distributed.cli.dask_worker", "--scheduler-file", str(scheduler_file),
-             "--nworkers", "2", "--nthreads", "1", "--no-dashboard", "--local-directory", str(tmp_path / "dask")],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                sys.executable,
+                "-m",
+                "distributed.cli.dask_worker",
+                "--scheduler-file",
+                str(scheduler_file),
+                "--nworkers",
+                "2",
+                "--nthreads",
+                "1",
+                "--no-dashboard",
+                "--local-directory",
+                str(tmp_path / "dask"),
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         processes.append(workers)
         with Client(scheduler_file=str(scheduler_file), timeout=CLUSTER_TIMEOUT_S) as probe:
@@ -434,17 +518,30 @@ def external_cluster(tmp_path: Path) -> Iterator[str]:
                 process.wait()
 
 
-def test_cli_batch_on_an_existing_scheduler(runner: Any, external_cluster: str, tmp_path: Path, make_scene: Any,
-                                            tiny_model_file: Path) -> None:
+def test_cli_batch_on_an_existing_scheduler(
+    runner: Any, external_cluster: str, tmp_path: Path, make_scene: Any, tiny_model_file: Path
+) -> None:
     scenes = make_scenes(make_scene, 3)
-    args = ["batch", str(tmp_path / "scene*.tif"), "--out-dir", str(tmp_path / "out"), "--scheduler",
-            external_cluster, "--model", str(tiny_model_file), "--tile", "64"]
+    args = [
+        "batch",
+        str(tmp_path / "scene*.tif"),
+        "--out-dir",
+        str(tmp_path / "out"),
+        "--scheduler",
+        external_cluster,
+        "--model",
+        str(tiny_model_file),
+        "--tile",
+        "64",
+    ]
     result = runner.invoke(main, args)
     assert result.exit_code == 0, result.output
     config = PredictConfig(model=str(tiny_model_file), tile=64)
     for scene in scenes:
-        assert_same_raster(tmp_path / "out" / f"{scene.stem}_landcover.tif",
-                           predict_scene(scene, tmp_path / f"ref_{scene.name}", config).dst)
+        assert_same_raster(
+            tmp_path / "out" / f"{scene.stem}_landcover.tif",
+            predict_scene(scene, tmp_path / f"ref_{scene.name}", config).dst,
+        )
     rows = read_manifest(tmp_path / "out")
     assert {r.status for r in rows} == {"done"}
     assert len({r.worker for r in rows}) <= 2 and all(r.worker.startswith("tcp://127.0.0.1:") for r in rows)
