@@ -87,30 +87,53 @@ COMPRESSIONS = ("deflate", "zstd", "lzw", "none")
 RESAMPLINGS = ("nearest", "bilinear", "cubic")  # geoseg.sources.Resampling (not imported: it loads rasterio)
 
 
+def _predict_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """The settings of one prediction, shared by ``predict`` and ``batch`` (for every scene of a batch)."""
+    options = [
+        click.option("--model", "model", type=click.Path(dir_okay=False),
+                     help="Model file (default: the bundled model)."),
+        click.option("--config", "config_file", type=click.Path(dir_okay=False),
+                     help="YAML preset of predict settings."),
+        click.option("--tile", type=int, help="Tile edge in pixels [model's suggestion]."),
+        click.option("--overlap", type=int, help="Pixels shared by neighbouring tiles [model's suggestion]."),
+        click.option("--batch-size", type=int, help="Tiles per forward pass [4]."),
+        click.option("--bands", help="1-based raster bands feeding the model, in its order, e.g. 4,3,2,8."),
+        click.option("--nodata", type=float, help="Input value to treat as nodata (overrides the file's)."),
+        click.option("--device", help="auto, cpu, cuda or cuda:N [auto]."),
+        click.option("--precision", type=click.Choice(PRECISIONS), help="Compute precision [auto]."),
+        click.option("--compress", type=click.Choice(COMPRESSIONS), help="Output compression [deflate]."),
+        click.option("--threads", type=int, help="CPU threads for the network [all cores]."),
+        click.option("--compile", "compile", is_flag=True, default=None,
+                     help="torch.compile the network (the first batch compiles, ~1 min for B0 on a CPU) "
+                     "[off]."),
+        click.option("--crf/--no-crf", "crf", default=None,
+                     help="Refine the class map with a dense CRF (settings: a crf: section in --config) [off]."),
+        click.option("--crf-workers", type=int, help="Worker processes for the CRF; implies --crf [all cores]."),
+        click.option("--resample", type=click.Choice(RESAMPLINGS),
+                     help="Resample band files coarser than the finest one onto its grid [refuse them]."),
+        click.option("--assets", help="STAC Item assets: red=B04,green=B03,... or keys in model band order "
+                     "[by eo:bands common name]."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _predict_config(config_file: str | None, flags: dict[str, Any]) -> Any:
+    """A PredictConfig from the preset file and the predict flags actually given."""
+    from .config import build_config, load_config_file, parse_band_list
+
+    file_settings = load_config_file(config_file) if config_file else {}
+    if flags.get("bands") is not None:
+        flags["bands"] = parse_band_list(flags["bands"])
+    return build_config(file_settings, **flags)
+
+
 @main.command()
 @click.argument("paths", nargs=-1, metavar="SRC DST")
-@click.option("--model", "model", type=click.Path(dir_okay=False), help="Model file (default: the bundled model).")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML preset of predict settings.")
-@click.option("--tile", type=int, help="Tile edge in pixels [model's suggestion].")
-@click.option("--overlap", type=int, help="Pixels shared by neighbouring tiles [model's suggestion].")
-@click.option("--batch-size", type=int, help="Tiles per forward pass [4].")
-@click.option("--bands", help="1-based raster bands feeding the model, in its order, e.g. 4,3,2,8.")
-@click.option("--nodata", type=float, help="Input value to treat as nodata (overrides the file's).")
-@click.option("--device", help="auto, cpu, cuda or cuda:N [auto].")
-@click.option("--precision", type=click.Choice(PRECISIONS), help="Compute precision [auto].")
-@click.option("--compress", type=click.Choice(COMPRESSIONS), help="Output compression [deflate].")
-@click.option("--threads", type=int, help="CPU threads for the network [all cores].")
-@click.option("--compile", "compile", is_flag=True, default=None,
-              help="torch.compile the network (the first batch compiles, ~1 min for B0 on a CPU) [off].")
-@click.option("--crf/--no-crf", "crf", default=None,
-              help="Refine the class map with a dense CRF (settings: a crf: section in --config) [off].")
-@click.option("--crf-workers", type=int, help="Worker processes for the CRF; implies --crf [all cores].")
+@_predict_options
 @click.option("--band-files", multiple=True, help="Files stacked band after band in model band order, "
               "repeatable or comma-separated; give DST alone.")
-@click.option("--resample", type=click.Choice(RESAMPLINGS),
-              help="Resample band files coarser than the finest one onto its grid [refuse them].")
-@click.option("--assets", help="STAC Item assets: red=B04,green=B03,... or keys in model band order "
-              "[by eo:bands common name].")
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists.")
 @_verbosity_options
 def predict(paths: tuple[str, ...], config_file: str | None, overwrite: bool, verbose: int, quiet: bool,
@@ -146,13 +169,9 @@ def predict(paths: tuple[str, ...], config_file: str | None, overwrite: bool, ve
         src = paths[0]
     dst = paths[-1]
     with _user_errors(quiet):
-        from .config import build_config, load_config_file, parse_band_list
         from .sources import parse_assets
 
-        file_settings = load_config_file(config_file) if config_file else {}
-        if flags.get("bands") is not None:
-            flags["bands"] = parse_band_list(flags["bands"])
-        config = build_config(file_settings, **flags)
+        config = _predict_config(config_file, flags)
 
         from .pipeline import predict_scene
 
@@ -176,6 +195,71 @@ def predict(paths: tuple[str, ...], config_file: str | None, overwrite: bool, ve
             result.device,
             result.precision,
         )
+
+
+ON_ERROR = ("continue", "stop")  # geoseg.batch.OnError (not imported: it would load the library)
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
+@click.option("--out-dir", required=True, type=click.Path(file_okay=False),
+              help="Folder for the outputs and the manifest (created if missing).")
+@click.option("--template", default="{stem}_landcover.tif", show_default=True,
+              help="Output file name per scene; fields {stem}, {name}, {parent}.")
+@click.option("--scheduler", metavar="ADDRESS",
+              help="Run on this dask scheduler (tcp://host:8786 or a scheduler file) [a local cluster].")
+@click.option("--workers", type=click.IntRange(min=1),
+              help="Worker processes of the local cluster [one per GPU, else half the cores].")
+@click.option("--force", is_flag=True, help="Redo every scene, even those done before.")
+@click.option("--on-error", type=click.Choice(ON_ERROR), default="continue", show_default=True,
+              help="After a scene fails: go on with the others, or stop.")
+@_predict_options
+@_verbosity_options
+def batch(inputs: tuple[str, ...], out_dir: str, template: str, scheduler: str | None, workers: int | None,
+          force: bool, on_error: str, config_file: str | None, resample: str | None, assets: str | None,
+          verbose: int, quiet: bool, **flags: Any) -> None:
+    """Predict many scenes in parallel with dask; re-running skips the scenes already done.
+
+    INPUT is a scene (any SRC predict takes), a glob ('archive/*.tif', quoted) or @list.txt with
+    one path or GDAL URI per line. Every predict option applies to every scene. Outputs go to
+    OUT-DIR, named by --template; OUT-DIR/geoseg-manifest.sqlite records per scene the input's
+    size and time, the model and settings hashes, the status, the output's checksum, timings and
+    errors. A scene done before with the same input, model and settings is skipped; changed and
+    failed scenes are redone. A failing scene fails alone; the exit status is 0 only when every
+    scene is done. One batch at a time per OUT-DIR.
+
+    \b
+    Examples:
+      geoseg batch 'archive/*.tif' --out-dir maps/
+      geoseg batch @scenes.txt --out-dir maps/ --workers 4 --tile 512
+      geoseg batch @scenes.txt --out-dir /shared/maps --scheduler tcp://head-node:8786
+    """
+    _configure_logging(verbose, quiet)
+    with _user_errors(quiet):
+        from contextlib import nullcontext
+
+        from ._lazy import lazy_import
+        from .batch import connect, run_batch
+        from .sources import parse_assets
+
+        lazy_import("distributed", extra="dask")  # configures its loggers on import; quieten them after
+        for name in ("distributed", "distributed.scheduler", "distributed.nanny", "distributed.core"):
+            logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+
+        config = _predict_config(config_file, flags)
+        client = connect(scheduler) if scheduler else None
+        with client if client is not None else nullcontext():
+            summary = run_batch(
+                inputs, out_dir, config, client=client, workers=workers, template=template, force=force,
+                on_error=on_error,  # type: ignore[arg-type]
+                resample=resample, assets=parse_assets(assets) if assets else None,
+            )
+        click.echo(summary.format_table())
+        if not summary.ok:
+            raise click.ClickException(
+                f"{summary.failed + summary.not_run} of {summary.total} scenes not done; "
+                f"see {summary.manifest}"
+            )
 
 
 @main.command()

@@ -1,0 +1,231 @@
+"""The worker side of ``geoseg batch``: one scene per dask task, the model loaded once per worker.
+
+Imported only where dask is installed (it subclasses distributed's WorkerPlugin).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from distributed import WorkerPlugin, get_worker
+
+from ._version import __version__
+from .batch import MAX_ATTEMPTS, attempts_file, died_message
+from .config import PredictConfig
+from .errors import CheckpointError, GeosegError
+
+if TYPE_CHECKING:
+    from .modelfile import LoadedModel
+
+log = logging.getLogger(__name__)
+
+# glibc <malloc.h> mallopt parameters.
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+
+
+@dataclass(frozen=True)
+class SceneJob:
+    """One scene as a worker receives it: everything is plain data (no datasets, no model)."""
+
+    input: str
+    output: str
+    config: PredictConfig
+    model_path: str
+    model_sha256: str
+    key: str
+    topic: str
+    plugin: str
+    resample: str | None = None
+    assets: Mapping[str, str] | Sequence[str] | None = None
+
+
+class ModelCache(WorkerPlugin):
+    """A dask worker plugin holding the models a worker has loaded, keyed by file sha256.
+
+    Registered once per batch (and unregistered at its end, which frees the models), so each
+    worker loads the model for its first scene and reuses it for the rest.
+    """
+
+    def __init__(self) -> None:
+        self.models: dict[str, LoadedModel] = {}
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {}  # sent to workers empty; the lock cannot be pickled
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__()  # type: ignore[misc]
+
+    def setup(self, worker: Any) -> None:
+        """Called by dask in each worker process when the plugin is registered: tune malloc."""
+        restore_malloc_thresholds()
+
+    def teardown(self, worker: Any) -> None:
+        """Called by dask when the plugin is removed: drop the models."""
+        self.models.clear()
+
+    def get(self, path: str, sha256: str) -> tuple[LoadedModel, bool]:
+        """The model at ``path``, and whether this call loaded it (``False``: from the cache).
+
+        Raises:
+            CheckpointError: The file is invalid, or no longer the file the batch planned with.
+        """
+        from .modelfile import load_model
+
+        with self._lock:
+            if sha256 in self.models:
+                return self.models[sha256], False
+            model = load_model(path)
+            if model.sha256 != sha256:
+                raise CheckpointError(
+                    f"{path}: the model file changed since the batch started; run the batch again"
+                )
+            self.models[sha256] = model
+            return model, True
+
+
+@dataclass(frozen=True)
+class SceneOutcome:
+    """What a worker reports back for one scene."""
+
+    status: Literal["done", "failed"]
+    worker: str
+    worker_pid: int
+    started_at: float
+    finished_at: float
+    model_loaded: bool = False
+    model_load_seconds: float = 0.0
+    predict_seconds: float | None = None
+    width: int | None = None
+    height: int | None = None
+    output_sha256: str | None = None
+    output_size: int | None = None
+    error: str | None = None
+
+
+def predict_task(job: SceneJob) -> SceneOutcome:
+    """Run one scene on a dask worker; every error becomes a ``failed`` outcome, not a task error.
+
+    Counts the start in the scene's attempts file first: a start after :data:`MAX_ATTEMPTS`
+    (the worker of each earlier one died) fails at once. Then reports the start through the dask
+    event ``job.topic``, so the driver marks the scene ``running`` while it is in progress.
+    """
+    from .modelfile import file_sha256
+    from .pipeline import predict_scene
+
+    worker = get_worker()
+    started = time.time()
+    report = {"worker": worker.address, "worker_pid": os.getpid(), "started_at": started}
+    attempt = register_attempt(job.output, worker.address)
+    if attempt > MAX_ATTEMPTS:
+        # dask reschedules a dead worker's scene up to its allowed-failures; geoseg allows one retry.
+        return SceneOutcome("failed", **report, finished_at=time.time(), error=died_message(MAX_ATTEMPTS))
+    worker.log_event(
+        job.topic,
+        {"key": job.key, "pid": os.getpid(), "worker": worker.address, "at": started, "attempt": attempt},
+    )
+    loaded, load_seconds = False, 0.0
+    try:
+        cache = worker.plugins.get(job.plugin)
+        if not isinstance(cache, ModelCache):  # NOTE: plugin lost (a worker that joined late): load uncached
+            cache = ModelCache()
+        clock = time.perf_counter()
+        model, loaded = cache.get(job.model_path, job.model_sha256)
+        load_seconds = time.perf_counter() - clock if loaded else 0.0
+        config = job.config.replace(device=_worker_device(job.config.device, worker.name))
+        result = predict_scene(
+            job.input,
+            job.output,
+            config,
+            model=model,
+            overwrite=True,
+            resample=job.resample,
+            assets=job.assets,  # type: ignore[arg-type]
+        )
+        return SceneOutcome(
+            "done",
+            **report,
+            finished_at=time.time(),
+            model_loaded=loaded,
+            model_load_seconds=load_seconds,
+            predict_seconds=result.seconds,
+            width=result.width,
+            height=result.height,
+            output_sha256=file_sha256(job.output),
+            output_size=os.path.getsize(job.output),
+        )
+    except Exception as err:  # noqa: BLE001 - one scene's failure, whatever it is, must not stop the batch
+        if not isinstance(err, GeosegError):
+            log.exception("%s: unexpected error", job.input)  # the traceback stays in the worker's log
+        return SceneOutcome(
+            "failed",
+            **report,
+            finished_at=time.time(),
+            model_loaded=loaded,
+            model_load_seconds=load_seconds,
+            error=one_line(err),
+        )
+
+
+def register_attempt(output: str, worker: str) -> int:
+    """Append this start to the attempts file of ``output``; returns how many starts it lists.
+
+    A file beside the output, not worker memory, because the worker of an earlier start is gone.
+    """
+    path = attempts_file(output)
+    with open(path, "a") as f:
+        f.write(f"{os.getpid()} {worker} {time.time():.3f}\n")
+    with open(path) as f:
+        return sum(1 for _ in f)
+
+
+def restore_malloc_thresholds() -> None:
+    """Undo the small fixed malloc thresholds a dask nanny gives its workers (glibc only).
+
+    The nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``, which also freezes glibc's
+    mmap threshold at 128 KiB: every tile-sized array is then a fresh mmap and page faults, and a
+    scene took 1.5-2x as long (bench/bench_batch.py). Thresholds like glibc's own dynamic ones
+    (32 MiB mmap, 64 MiB trim) bring the speed back; memory is still returned to the OS.
+    """
+    if "MALLOC_TRIM_THRESHOLD_" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
+        libc.mallopt(M_TRIM_THRESHOLD, 64 << 20)
+    except (OSError, AttributeError):  # not glibc (musl): nothing to undo
+        log.debug("mallopt unavailable; malloc thresholds left as they are")
+
+
+def _worker_device(device: str, worker_name: Any) -> str:
+    """``auto`` on a machine with several GPUs: local worker ``i`` takes GPU ``i % count``."""
+    if device != "auto":
+        return device
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count > 1 and isinstance(worker_name, int):
+        return f"cuda:{worker_name % count}"
+    return device
+
+
+def one_line(err: BaseException) -> str:
+    """An error as one line; names the type of errors that are not geoseg's own."""
+    text = " ".join(str(err).split()) or repr(err)
+    return text if isinstance(err, GeosegError) else f"{type(err).__name__}: {text}"
+
+
+def geoseg_version() -> str:
+    """This worker's geoseg version (run on every worker to check geoseg is importable there)."""
+    return __version__

@@ -1,0 +1,768 @@
+"""Many scenes in parallel on a dask cluster, resumable through a manifest in the out dir.
+
+The driver (the process that calls :func:`run_batch`) plans the scenes, holds an exclusive lock
+on the out dir, submits one dask task per scene and is the manifest's only writer. Each worker
+loads the model once (a :class:`ModelCache` worker plugin) and runs
+:func:`geoseg.pipeline.predict_scene` on its scenes; it reports a scene's start through a dask
+event, so the manifest says ``running`` while the scene is in progress.
+
+Resume: a scene is skipped when the manifest says it is done (or was skipped) with the same input
+size and modification time, model sha256, settings hash and output path, and the output file is
+still there with its recorded size. Everything else is (re)done; ``force`` redoes everything.
+
+Faults: a scene whose worker dies is run once more elsewhere, then marked failed; outputs appear
+under their final name only when complete (predict_scene's temporary-file rename); the manifest is
+SQLite, consistent at every moment; a second driver on the same out dir is refused by the lock.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import glob
+import hashlib
+import json
+import logging
+import os
+import queue
+import time
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any, Literal
+
+from ._version import __version__
+from .config import PredictConfig
+from .errors import ConfigError, DependencyNotFoundError, InputError, OutputError
+from .manifest import COMPLETE, MANIFEST_NAME, Manifest, SceneRecord
+
+if TYPE_CHECKING:
+    from distributed import Client, Future
+
+    from ._batch_worker import SceneJob
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TEMPLATE = "{stem}_landcover.tif"
+LOCK_NAME = ".geoseg-batch.lock"
+ATTEMPTS_MARKER = ".geoseg-attempts"
+OnError = Literal["continue", "stop"]
+#: Starts of one scene on a worker: the first, and one retry after its worker died.
+MAX_ATTEMPTS = 2
+#: PredictConfig fields that change speed, never the output: left out of the settings hash.
+SPEED_ONLY_FIELDS = ("model", "threads", "prefetch_batches", "batch_size", "compile")
+
+
+def expand_inputs(items: Sequence[str]) -> list[str]:
+    """Turn files, globs and ``@list.txt`` files into the list of scenes, in order, without repeats.
+
+    A list file holds one path or GDAL URI per line; blank lines and ``#`` comments are ignored,
+    and relative paths are relative to the list file. URIs (``s3://``, ``https://``, ``/vsi...``)
+    are kept as given; local paths become absolute. A scene may be band files joined by commas,
+    as predict takes them; its output is named after the first.
+
+    Raises:
+        InputError: A list file cannot be read, or a glob matches nothing.
+    """
+    scenes: list[str] = []
+    for item in items:
+        if item.startswith("@"):
+            list_path = Path(item[1:])
+            try:
+                lines = list_path.read_text().splitlines()
+            except OSError as err:
+                raise InputError(
+                    f"{list_path}: cannot read the list of scenes ({err.strerror or err})"
+                ) from err
+            for line in lines:
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    scenes.append(_canonical(line, list_path.parent))
+        elif not _is_uri(item) and glob.has_magic(item):
+            matches = sorted(glob.glob(item))
+            if not matches:
+                raise InputError(f"{item}: the pattern matches no file")
+            scenes.extend(_canonical(match) for match in matches)
+        else:
+            scenes.append(_canonical(item))
+    return list(dict.fromkeys(scenes))
+
+
+def _canonical(scene: str, base: Path | None = None) -> str:
+    """Local paths absolute (relative ones from ``base``), also in comma-joined band files; URIs as given."""
+
+    def absolute(path: str) -> str:
+        return path if _is_uri(path) else os.path.abspath(os.path.join(base or "", path))
+
+    if "," in scene and "?" not in scene and not os.path.exists(absolute(scene)):  # as resolve_source splits
+        return ",".join(absolute(part) for part in scene.split(","))
+    return absolute(scene)
+
+
+def _is_uri(text: str) -> bool:
+    return "://" in text or text.startswith("/vsi")
+
+
+def output_name(scene: str, template: str = DEFAULT_TEMPLATE) -> str:
+    """The output file name of ``scene``: ``template`` with ``{stem}``, ``{name}`` and ``{parent}`` filled in.
+
+    Raises:
+        ConfigError: The template has another field, or leaves the out dir.
+    """
+    path = PurePosixPath(scene.split("?", 1)[0].rstrip("/"))
+    try:
+        name = template.format(stem=path.stem, name=path.name, parent=path.parent.name)
+    except (KeyError, IndexError, ValueError) as err:
+        raise ConfigError(
+            f"output template {template!r}: {err}; it may use {{stem}}, {{name}} and {{parent}}"
+        ) from None
+    if not name or os.path.isabs(name) or ".." in Path(name).parts:
+        raise ConfigError(
+            f"output template {template!r} gives {name!r}; it must name a file inside the out dir"
+        )
+    return name
+
+
+def input_fingerprint(scene: str) -> tuple[int | None, int | None]:
+    """Size in bytes and modification time (ns) of a local input; ``(None, None)`` for URIs, missing files."""
+    if _is_uri(scene):
+        return None, None
+    try:
+        stat = os.stat(scene)
+    except OSError:
+        return None, None
+    return stat.st_size, stat.st_mtime_ns
+
+
+def settings_hash(
+    config: PredictConfig,
+    resample: str | None = None,
+    assets: Mapping[str, str] | Sequence[str] | None = None,
+) -> str:
+    """sha256 of the settings that change the output (the model is hashed separately).
+
+    Fields that only change speed (:data:`SPEED_ONLY_FIELDS`) are left out, so re-running with more
+    threads or a bigger batch does not redo finished scenes.
+    """
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in SPEED_ONLY_FIELDS}
+    settings["resample"] = resample
+    settings["assets"] = dict(assets) if isinstance(assets, Mapping) else (list(assets) if assets else None)
+    text = json.dumps(settings, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class PlannedScene:
+    """What a run will do with one scene, and why."""
+
+    input: str
+    output: str
+    input_size: int | None
+    input_mtime_ns: int | None
+    action: Literal["run", "skip", "refuse"]
+    reason: str
+
+
+def plan_scenes(
+    scenes: Sequence[str],
+    out_dir: Path,
+    manifest: Manifest,
+    model_sha256: str,
+    config_hash: str,
+    *,
+    template: str = DEFAULT_TEMPLATE,
+    force: bool = False,
+) -> list[PlannedScene]:
+    """Decide for each scene whether to run it, skip it (done before) or refuse it (foreign output).
+
+    Raises:
+        ConfigError: Two scenes would write the same output.
+    """
+    planned: list[PlannedScene] = []
+    owner: dict[str, str] = {}
+    for scene in scenes:
+        output = str(out_dir / output_name(scene, template))
+        if output in owner:
+            raise ConfigError(
+                f"{scene} and {owner[output]} would both write {output}; "
+                "use a --template with {parent} or {name}"
+            )
+        owner[output] = scene
+        size, mtime_ns = input_fingerprint(scene)
+        record = manifest.get(scene)
+        action, reason = _decide(record, output, size, mtime_ns, model_sha256, config_hash, force)
+        planned.append(PlannedScene(scene, output, size, mtime_ns, action, reason))
+    return planned
+
+
+def _decide(
+    record: SceneRecord | None,
+    output: str,
+    size: int | None,
+    mtime_ns: int | None,
+    model_sha256: str,
+    config_hash: str,
+    force: bool,
+) -> tuple[Literal["run", "skip", "refuse"], str]:
+    if force:
+        return "run", "forced"
+    if os.path.lexists(output) and not _written_by_batch(record, output):
+        return (
+            "refuse",
+            f"{output}: exists but this out dir's manifest did not write it; move it or use --force",
+        )
+    if record is None:
+        return "run", "new"
+    if record.status not in COMPLETE:
+        return "run", "interrupted" if record.status in ("queued", "running") else f"{record.status} before"
+    if (record.input_size, record.input_mtime_ns) != (size, mtime_ns):
+        return "run", "input changed"
+    if record.model_sha256 != model_sha256:
+        return "run", "model changed"
+    if record.config_hash != config_hash:
+        return "run", "settings changed"
+    if record.output != output:
+        return "run", "output name changed"
+    if not os.path.isfile(output) or os.path.getsize(output) != record.output_size:
+        return "run", "output missing or changed"
+    return "skip", "done before"
+
+
+def attempts_file(output: str) -> Path:
+    """The file beside ``output`` that counts the starts of its scene in this run (one line each)."""
+    target = Path(output)
+    return target.with_name(f".{target.name}{ATTEMPTS_MARKER}")
+
+
+def died_message(attempts: int) -> str:
+    """The error of a scene whose workers died."""
+    return f"worker died during prediction {attempts} times (killed or out of memory)"
+
+
+def _written_by_batch(record: SceneRecord | None, output: str) -> bool:
+    """Whether a file at ``output`` can be this batch's: recorded, or written by a run that was cut short."""
+    if record is None or record.output != output:
+        return False
+    return record.output_sha256 is not None or record.attempts > 0 or record.status in ("queued", "running")
+
+
+def remove_stale_temporaries(output: str) -> list[Path]:
+    """Delete the temporary files a killed prediction of ``output`` left beside it, and its attempts file.
+
+    Only safe while holding the out-dir lock and with no task of this batch running.
+    """
+    from .io import TMP_MARKER
+
+    target = Path(output)
+    stale = [
+        Path(p) for p in glob.glob(glob.escape(str(target.parent / f".{target.name}{TMP_MARKER}")) + "*")
+    ]
+    stale.append(attempts_file(output))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
+class OutDirLock:
+    """An exclusive ``flock`` on ``OUT_DIR/.geoseg-batch.lock``, holding the owner's pid and host.
+
+    The operating system releases it when the holder dies, however it dies, so a crashed batch
+    never blocks the next one.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike[str]):
+        self.path = Path(out_dir) / LOCK_NAME
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock, or refuse at once.
+
+        Raises:
+            OutputError: Another process holds it (the message names it).
+        """
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise OutputError(
+                f"{self.path.parent}: another geoseg batch is running on this out dir ({holder}); "
+                "wait for it to finish or use another --out-dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        """Give the lock back (a no-op when not held)."""
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> OutDirLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+@dataclass
+class BatchSummary:
+    """Counts and throughput of one run."""
+
+    out_dir: Path
+    manifest: Path
+    done: int = 0
+    skipped: int = 0
+    failed: int = 0
+    not_run: int = 0
+    megapixels: float = 0.0
+    seconds: float = 0.0
+    workers: int = 0
+    dashboard: str | None = None
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        """Scenes in the batch."""
+        return self.done + self.skipped + self.failed + self.not_run
+
+    @property
+    def ok(self) -> bool:
+        """Every scene is done (now or before)."""
+        return self.failed == 0 and self.not_run == 0
+
+    @property
+    def megapixels_per_second(self) -> float:
+        """Megapixels predicted in this run over its wall-clock time."""
+        return self.megapixels / max(self.seconds, 1e-9)
+
+    @property
+    def scenes_per_hour(self) -> float:
+        """Scenes predicted in this run per hour of wall-clock time."""
+        return self.done * 3600 / max(self.seconds, 1e-9)
+
+    def format_table(self) -> str:
+        """The end-of-run summary, as printed by ``geoseg batch``."""
+        lines = [
+            f"{'scenes':>8} {'done':>6} {'skipped':>8} {'failed':>7} {'not run':>8} {'MP done':>9} "
+            f"{'seconds':>9} {'MP/s':>7} {'scenes/h':>9}",
+            f"{self.total:>8} {self.done:>6} {self.skipped:>8} {self.failed:>7} {self.not_run:>8} "
+            f"{self.megapixels:>9.1f} {self.seconds:>9.1f} {self.megapixels_per_second:>7.2f} "
+            f"{self.scenes_per_hour:>9.0f}",
+        ]
+        # Most errors name their file already.
+        lines += [
+            f"failed: {error if scene in error else f'{scene}: {error}'}" for scene, error in self.failures
+        ]
+        lines.append(f"manifest: {self.manifest}")
+        return "\n".join(lines)
+
+
+def local_cluster_size(scenes: int, workers: int | None = None) -> tuple[int, int]:
+    """Workers and torch threads per worker for a local cluster on this machine.
+
+    One worker per GPU when there are GPUs; otherwise half as many workers as cores (each scene
+    also has a reader and a writer thread), at least one, never more than the scenes, and the
+    cores shared out between them so they do not oversubscribe the CPU.
+    """
+    import torch
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if workers is None:
+        workers = gpus or max(1, cores // 2)
+    workers = max(1, min(workers, scenes))
+    return workers, max(1, cores // workers)
+
+
+@contextmanager
+def local_client(workers: int) -> Iterator[Client]:
+    """A ``distributed.LocalCluster`` of ``workers`` single-task worker processes on loopback, and its client.
+
+    Each worker is given one scene at a time where dask queues tasks (``worker-saturation`` 1), so
+    a dying worker takes down only the scene it was running. (How often a scene is retried after
+    its worker died is counted by geoseg itself, see :func:`attempts_file`: dask also counts the
+    deaths of workers a scene was merely queued on.)
+    """
+    dask = _import_dask()
+    from distributed import Client, LocalCluster
+
+    with dask.config.set({"distributed.scheduler.worker-saturation": 1.0}):
+        cluster = LocalCluster(
+            n_workers=workers,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address="127.0.0.1:0",
+            silence_logs=logging.ERROR,
+        )
+    try:
+        with Client(cluster) as client:
+            yield client
+    finally:
+        cluster.close()
+
+
+def connect(address: str, timeout: float = 60) -> Client:
+    """A client of the existing dask scheduler at ``address`` (``tcp://host:port`` or a scheduler file).
+
+    Raises:
+        ConfigError: Nothing answers at the address.
+    """
+    _import_dask()
+    from distributed import Client
+
+    try:
+        if os.path.isfile(address):
+            return Client(scheduler_file=address, timeout=timeout)
+        return Client(address, timeout=timeout)
+    except (OSError, TimeoutError) as err:
+        raise ConfigError(
+            f"--scheduler {address}: cannot reach a dask scheduler ({' '.join(str(err).split())})"
+        ) from None
+
+
+def _import_dask() -> Any:
+    from ._lazy import lazy_import
+
+    lazy_import("distributed", extra="dask")
+    return lazy_import("dask", extra="dask")
+
+
+def run_batch(
+    inputs: Sequence[str],
+    out_dir: str | os.PathLike[str],
+    config: PredictConfig | None = None,
+    *,
+    client: Client | None = None,
+    workers: int | None = None,
+    template: str = DEFAULT_TEMPLATE,
+    force: bool = False,
+    on_error: OnError = "continue",
+    resample: str | None = None,
+    assets: Mapping[str, str] | Sequence[str] | None = None,
+) -> BatchSummary:
+    """Predict many scenes on a dask cluster into ``out_dir``, skipping those done before.
+
+    Writes one class raster per scene (named by ``template``) and the manifest
+    ``OUT_DIR/geoseg-manifest.sqlite``; holds ``OUT_DIR/.geoseg-batch.lock`` while it runs.
+
+    Args:
+        inputs: Files, globs and ``@list.txt`` files (see :func:`expand_inputs`).
+        out_dir: Folder for the outputs and the manifest; created if missing.
+        config: Settings for every scene (``None``: the defaults and the bundled model).
+        client: A client of an existing cluster; ``None`` starts a local cluster for this run.
+        workers: Worker processes of the local cluster (see :func:`local_cluster_size`).
+        template: Output file name per scene, with ``{stem}``, ``{name}`` and ``{parent}``.
+        force: Redo every scene, even those done before with the same input, model and settings.
+        on_error: ``continue`` with the other scenes after a failure, or ``stop`` (the scenes
+            not started then are left as they were).
+        resample: Resampling for band stacks of different resolutions (as predict).
+        assets: STAC asset keys (as predict).
+
+    Returns:
+        Counts and throughput; ``ok`` is true when every scene is done.
+
+    Raises:
+        OutputError: The out dir cannot be used, or another batch holds its lock.
+        InputError: An input list or pattern is unusable (a bad scene only fails that scene).
+        ConfigError: Settings, template or scheduler are invalid.
+        CheckpointError: The model file is missing or invalid.
+    """
+    from .modelfile import file_sha256, read_metadata
+    from .pipeline import default_model_path
+
+    _import_dask()
+    from ._batch_worker import SceneJob
+
+    started = time.perf_counter()
+    config = config or PredictConfig()
+    if on_error not in ("continue", "stop"):
+        raise ConfigError(f"on_error must be continue or stop, got {on_error!r}")
+    scenes = expand_inputs(inputs)
+    if not scenes:
+        raise InputError("no input scenes given")
+    model_path = str(Path(config.model or default_model_path()).resolve())
+    read_metadata(model_path)  # fail now, in one line, rather than once per scene
+    model_sha256 = file_sha256(model_path)
+    config_hash = settings_hash(config, resample, assets)
+
+    out = Path(out_dir).resolve()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputError(f"{out}: cannot create the out dir ({err.strerror or err})") from err
+    with OutDirLock(out), Manifest(out / MANIFEST_NAME) as manifest:
+        planned = plan_scenes(
+            scenes, out, manifest, model_sha256, config_hash, template=template, force=force
+        )
+        summary = BatchSummary(out_dir=out, manifest=manifest.path)
+        to_run = [p for p in planned if p.action == "run"]
+        if on_error == "stop" and any(p.action == "refuse" for p in planned):
+            summary.not_run, to_run = len(to_run), []  # a failure already: run nothing (rows stay queued)
+        for scene in to_run:
+            Path(scene.output).parent.mkdir(parents=True, exist_ok=True)  # a template may name subfolders
+            remove_stale_temporaries(scene.output)
+        with _client_for(client, workers, len(to_run), config) as (active, run_config):
+            run_id = uuid.uuid4().hex[:12]
+            manifest.start_run(run_id, _scheduler_address(active))
+            with manifest.transaction():
+                for scene in planned:
+                    _record_planned(manifest, scene, run_id, model_sha256, config_hash, summary)
+            if to_run and active is not None:
+                summary.dashboard = active.dashboard_link if _has_dashboard(active) else None
+                summary.workers = len(active.scheduler_info().get("workers", {}))
+                log.info(
+                    "%d scenes to predict (%d done before) on %d dask workers at %s; dashboard: %s",
+                    len(to_run),
+                    summary.skipped,
+                    summary.workers,
+                    active.scheduler.address,
+                    summary.dashboard or "none (pip install bokeh)",
+                )
+                jobs = [
+                    SceneJob(
+                        input=p.input,
+                        output=p.output,
+                        config=run_config,
+                        model_path=model_path,
+                        model_sha256=model_sha256,
+                        key=f"geoseg-scene-{run_id}-{i}",
+                        topic=f"geoseg-batch-{run_id}",
+                        plugin=f"geoseg-models-{run_id}",
+                        resample=resample,
+                        assets=assets,
+                    )
+                    for i, p in enumerate(to_run)
+                ]
+                _Driver(active, manifest, run_id, on_error, summary).run(jobs, to_run)
+            for scene in to_run:
+                remove_stale_temporaries(scene.output)  # left by attempts whose worker was killed
+            summary.seconds = time.perf_counter() - started
+            manifest.finish_run(run_id, summary.done, summary.skipped, summary.failed)
+    return summary
+
+
+@contextmanager
+def _client_for(
+    client: Client | None, workers: int | None, scenes: int, config: PredictConfig
+) -> Iterator[tuple[Client | None, PredictConfig]]:
+    """The given client, a new local cluster's, or none when there is nothing to run."""
+    if client is not None or scenes == 0:
+        yield client, config
+        return
+    count, threads = local_cluster_size(scenes, workers)
+    with local_client(count) as local:
+        yield local, config if config.threads else config.replace(threads=threads)
+
+
+def _scheduler_address(client: Client | None) -> str:
+    return client.scheduler.address if client is not None else ""
+
+
+def _has_dashboard(client: Client) -> bool:
+    return "dashboard" in client.scheduler_info().get("services", {})
+
+
+def _record_planned(
+    manifest: Manifest,
+    scene: PlannedScene,
+    run_id: str,
+    model_sha256: str,
+    config_hash: str,
+    summary: BatchSummary,
+) -> None:
+    """Write what the plan decided: skipped, refused (failed before reaching a worker), or queued."""
+    if scene.action == "skip":
+        manifest.upsert(scene.input, status="skipped", run_id=run_id)
+        summary.skipped += 1
+        return
+    # NOTE: a queued row carries this run's fingerprints from the start, so a driver that
+    # crashes from here on leaves rows that the next run redoes.
+    status, error = ("failed", scene.reason) if scene.action == "refuse" else ("queued", None)
+    manifest.upsert(
+        scene.input,
+        status=status,
+        error=error,
+        run_id=run_id,
+        input_size=scene.input_size,
+        input_mtime_ns=scene.input_mtime_ns,
+        model_sha256=model_sha256,
+        config_hash=config_hash,
+        output=scene.output,
+        attempts=0,
+        worker=None,
+        worker_pid=None,
+        geoseg_version=__version__,
+    )
+    if scene.action == "refuse":
+        summary.failed += 1
+        summary.failures.append((scene.input, scene.reason))
+
+
+class _Driver:
+    """Submits the scenes, follows their starts and results, and writes them to the manifest."""
+
+    def __init__(
+        self, client: Client, manifest: Manifest, run_id: str, on_error: OnError, summary: BatchSummary
+    ):
+        self.client = client
+        self.manifest = manifest
+        self.run_id = run_id
+        self.on_error = on_error
+        self.summary = summary
+        self.events: queue.Queue[tuple[float, dict[str, Any]]] = queue.Queue()
+        self.attempts: dict[str, int] = {}
+        self.finished: set[str] = set()
+
+    def run(self, jobs: list[SceneJob], planned: list[PlannedScene]) -> None:
+        from distributed import wait
+
+        from ._batch_worker import ModelCache, geoseg_version, one_line, predict_task
+
+        try:
+            self.client.run(geoseg_version)
+        except Exception as err:  # noqa: BLE001 - whatever unpickling on the worker raised
+            raise DependencyNotFoundError(
+                f"dask workers at {self.client.scheduler.address} cannot import geoseg ({one_line(err)}); "
+                "install geoseg on the workers (pip install 'geoseg[dask]')"
+            ) from None
+        topic, plugin = jobs[0].topic, jobs[0].plugin
+        self.client.register_plugin(ModelCache(), name=plugin)
+        self.client.subscribe_topic(topic, self.events.put)
+        self.scenes = {job.key: scene for job, scene in zip(jobs, planned, strict=True)}
+        self.futures: dict[str, Future] = {
+            job.key: self.client.submit(predict_task, job, key=job.key, pure=False) for job in jobs
+        }
+        pending = set(self.futures.values())
+        try:
+            while pending:
+                self._handle_events()
+                try:
+                    done, pending = wait(pending, timeout=0.5, return_when="FIRST_COMPLETED")
+                except TimeoutError:
+                    continue
+                for future in done:
+                    if self._handle_result(future) == "failed" and self.on_error == "stop":
+                        self._stop(pending, because=self.scenes[future.key].input)
+                        pending = set()
+                        break
+        finally:
+            self._handle_events()
+            self.client.unsubscribe_topic(topic)
+            try:
+                self.client.unregister_worker_plugin(plugin)
+            except Exception:  # noqa: BLE001 - freeing the models is best effort
+                log.debug("could not unregister %s", plugin, exc_info=True)
+
+    def _handle_events(self) -> None:
+        """Mark scenes running as their starts arrive; a third start means two dead workers: fail it."""
+        while True:
+            try:
+                _, msg = self.events.get_nowait()
+            except queue.Empty:
+                return
+            key = msg.get("key")
+            if key not in self.scenes or key in self.finished:
+                continue  # a late start event of a scene already recorded
+            self.attempts[key] = msg.get("attempt", self.attempts.get(key, 0) + 1)
+            scene = self.scenes[key]
+            if self.attempts[key] > 1:
+                log.warning("%s: its worker died; trying again on %s", scene.input, msg.get("worker"))
+            self.manifest.upsert(
+                scene.input,
+                status="running",
+                attempts=self.attempts[key],
+                worker=msg.get("worker"),
+                worker_pid=msg.get("pid"),
+                started_at=msg.get("at"),
+                run_id=self.run_id,
+            )
+
+    def _handle_result(self, future: Future) -> str:
+        from distributed import KilledWorker
+
+        from ._batch_worker import SceneOutcome, one_line
+
+        key = future.key
+        if key in self.finished:
+            return "cancelled"
+        scene = self.scenes[key]
+        if future.status == "finished":
+            outcome: SceneOutcome = future.result()
+            self._handle_events()  # its start event, if it came late, before the final row
+            self.finished.add(key)
+            self.manifest.upsert(
+                scene.input,
+                status=outcome.status,
+                attempts=max(self.attempts.get(key, 1), 1),
+                worker=outcome.worker,
+                worker_pid=outcome.worker_pid,
+                started_at=outcome.started_at,
+                finished_at=outcome.finished_at,
+                model_loaded=outcome.model_loaded,
+                model_load_seconds=outcome.model_load_seconds,
+                predict_seconds=outcome.predict_seconds,
+                width=outcome.width,
+                height=outcome.height,
+                output_sha256=outcome.output_sha256,
+                output_size=outcome.output_size,
+                error=outcome.error,
+            )
+            if outcome.status == "done":
+                self.summary.done += 1
+                self.summary.megapixels += (outcome.width or 0) * (outcome.height or 0) / 1e6
+                log.info("%s: done (%.1f s)", scene.output, outcome.predict_seconds or 0.0)
+                return "done"
+            self._count_failure(scene.input, outcome.error or "failed")
+            return "failed"
+        if future.status == "cancelled":
+            self._record_failure(
+                key, "cancelled by the scheduler (lost the connection, or the cluster closed)"
+            )
+            return "failed"
+        error = future.exception()
+        if isinstance(error, KilledWorker):  # dask gave up first (its allowed-failures)
+            message = died_message(error.allowed_failures + 1)
+        else:
+            message = one_line(error)
+        self._record_failure(key, message)
+        return "failed"
+
+    def _record_failure(self, key: str, message: str) -> None:
+        scene = self.scenes[key]
+        self.finished.add(key)
+        self.manifest.upsert(
+            scene.input,
+            status="failed",
+            error=message,
+            finished_at=time.time(),
+            attempts=self.attempts.get(key, 0),
+        )
+        self._count_failure(scene.input, message)
+
+    def _count_failure(self, scene: str, message: str) -> None:
+        log.warning("failed: %s", message if scene in message else f"{scene}: {message}")
+        self.summary.failed += 1
+        self.summary.failures.append((scene, message))
+
+    def _stop(self, pending: set[Future], because: str) -> None:
+        """``--on-error stop``: cancel the rest; scenes that had started fail, the others stay queued."""
+        self.client.cancel(list(pending))
+        self._handle_events()
+        for future in pending:
+            key = future.key
+            if key in self.finished:
+                continue
+            if self.attempts.get(key):
+                self._record_failure(key, f"stopped after {because} failed (--on-error stop)")
+            else:
+                self.finished.add(key)
+                self.summary.not_run += 1  # its row stays 'queued': the next run does it
