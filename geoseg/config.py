@@ -47,6 +47,8 @@ class PredictConfig:
         threads: Intra-op CPU threads for torch; ``None`` leaves torch's default (all cores).
         compile: Run the network through ``torch.compile`` (the first batch compiles, about a
             minute for B0 on a CPU; needs a C++ compiler). No effect on ONNX models.
+        cog: Write the class raster (and probability or confidence rasters) as Cloud-Optimized
+            GeoTIFFs with overviews (mode resampling for classes, average for probabilities).
     """
 
     model: str | None = None
@@ -63,6 +65,7 @@ class PredictConfig:
     prefetch_batches: int = 2
     threads: int | None = None
     compile: bool = False
+    cog: bool = False
 
     def __post_init__(self) -> None:
         if self.tile is not None and (not isinstance(self.tile, int) or self.tile < 32):
@@ -95,6 +98,8 @@ class PredictConfig:
             raise ConfigError(f"threads must be a positive integer, got {self.threads!r}")
         if not isinstance(self.compile, bool):
             raise ConfigError(f"compile must be true or false, got {self.compile!r}")
+        if not isinstance(self.cog, bool):
+            raise ConfigError(f"cog must be true or false, got {self.cog!r}")
 
     def replace(self, **changes: Any) -> PredictConfig:
         """Return a copy with ``changes`` applied (and validated)."""
