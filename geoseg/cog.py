@@ -70,6 +70,8 @@ def convert_to_cog(src: Path, dst: Path, options: CogOptions, *, label: str | os
         "BLOCKSIZE": COG_BLOCK_PX,
         "OVERVIEW_RESAMPLING": options.resampling.upper(),
         "BIGTIFF": "IF_SAFER",
+        # NOTE: the network is done by now, so every core can compress; GDAL keeps the output identical.
+        "NUM_THREADS": "ALL_CPUS",
     }
     if dtype.startswith("float") and options.compress != "none":
         creation["PREDICTOR"] = "YES"  # the floating-point predictor: smaller probability rasters

@@ -344,10 +344,12 @@ def _run(
     )
     stop = threading.Event()
     batches: queue.Queue[Any] = queue.Queue(maxsize=config.prefetch_batches)
-    rows_out: queue.Queue[Any] = queue.Queue(maxsize=4)
+    with_probabilities = needs_probabilities(stages, sinks)
+    # NOTE: a block with probabilities is K float32 rows per class id row (59 MB for 8 classes, 224
+    # rows, 8192 px); two queued blocks keep the writer busy without holding four.
+    rows_out: queue.Queue[Any] = queue.Queue(maxsize=2 if with_probabilities else 4)
     multiplier, bias = meta.normalization.multiplier_and_bias()
 
-    with_probabilities = needs_probabilities(stages, sinks)
     writer = LabelWriter(dst, scene, meta.classes, config.output_nodata, config.compress, tags, cog=config.cog)
     outputs = _Outputs(stages, [writer, *sinks])
     reader = threading.Thread(

@@ -34,12 +34,21 @@ CONFIDENCE_UINT8_NODATA = 0
 
 
 def encode_probabilities(probabilities: npt.NDArray[np.float32], dtype: ProbabilityDtype) -> npt.NDArray[Any]:
-    """Probabilities in ``[0, 1]`` (any shape) as stored: uint8 ``round(p * 255)`` or float32 (a new array)."""
+    """Probabilities in ``[0, 1]``, ``(K, ...)`` or ``(...)``, as stored: uint8 ``round(p * 255)`` or float32.
+
+    Returns a new array. The uint8 encoding goes one class at a time, so its float scratch is
+    one band, not K.
+    """
     if dtype == "float32":
         return probabilities.astype(np.float32, copy=True)
-    scaled = probabilities * np.float32(UINT8_SCALE)
-    np.rint(scaled, out=scaled)
-    return scaled.astype(np.uint8)
+    stacked = probabilities.reshape(-1, *probabilities.shape[-2:]) if probabilities.ndim > 2 else probabilities[None]
+    encoded = np.empty(stacked.shape, np.uint8)
+    scratch = np.empty(stacked.shape[1:], np.float32)
+    for k, band in enumerate(stacked):
+        np.multiply(band, np.float32(UINT8_SCALE), out=scratch)
+        np.rint(scratch, out=scratch)
+        encoded[k] = scratch
+    return encoded.reshape(probabilities.shape)
 
 
 def _probability_profile(scene: Scene, count: int, dtype: ProbabilityDtype, compress: str) -> dict[str, Any]:

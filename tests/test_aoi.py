@@ -224,3 +224,15 @@ def test_an_aoi_needs_a_scene_crs(tmp_path: Path, make_scene, tiny_metadata) -> 
     vector = write_vector(tmp_path / "a.gpkg", [pixel_box(0, 0, 10, 10)], "EPSG:32618")
     with pytest.raises(InputError, match="has no CRS, so the area of interest cannot be placed"):
         load_aoi(str(vector), scene)
+
+
+def test_a_shapefile_in_wgs84_finds_its_prj_beside_it(tmp_path: Path, make_scene, tiny_loaded_model) -> None:
+    # predict_scene reads inside GDAL_DISABLE_READDIR_ON_OPEN=EMPTY_DIR; the .prj must still be found.
+    src = make_scene(width=120, height=100)
+    lonlat = shapely.geometry.shape(transform_geom("EPSG:32618", "EPSG:4326", shapely.geometry.mapping(pixel_box(0, 0, 60, 100))))
+    vector = write_vector(tmp_path / "half.shp", [lonlat], "EPSG:4326", driver="ESRI Shapefile")
+    assert vector.with_suffix(".prj").exists()
+    predict(src, tmp_path / "classes.tif", tiny_loaded_model, OutputOptions(aoi=str(vector)))
+    with rasterio.open(tmp_path / "classes.tif") as ds:
+        valid = ds.read(1) != 255
+    assert valid[:, :60].all() and not valid[:, 60:].any()
