@@ -41,10 +41,6 @@ class AreaOfInterest:
     def __post_init__(self) -> None:
         _shapely().prepare(self.geometry)  # fast repeated intersects/contains tests against tile boxes
 
-    def touches(self, y: int, x: int, height: int, width: int) -> bool:
-        """Whether the window of ``height`` x ``width`` pixels at row ``y``, column ``x`` meets the area."""
-        return bool(self.geometry.intersects(_shapely().box(x, y, x + width, y + height)))
-
     def mask(self, y: int, x: int, height: int, width: int) -> npt.NDArray[np.bool_]:
         """``(height, width)``: True where a pixel's centre lies inside the area."""
         box = _shapely().box(x, y, x + width, y + height)
@@ -54,8 +50,13 @@ class AreaOfInterest:
             return np.zeros((height, width), bool)
         from rasterio.features import geometry_mask
 
+        # NOTE: only the polygon parts of the clip: where the area merely touches the tile, the
+        # intersection has lines, which GDAL would burn whatever all_touched says.
+        clipped = _polygonal(self.geometry.intersection(box))
+        if clipped.is_empty:
+            return np.zeros((height, width), bool)
         return geometry_mask(
-            [self.geometry.intersection(box)],
+            [clipped],
             out_shape=(height, width),
             transform=Affine.translation(x, y),  # window pixel (col, row) -> scene pixel (x + col, y + row)
             invert=True,

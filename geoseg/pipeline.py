@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -58,6 +58,9 @@ REMOTE_GDAL_OPTIONS: dict[str, Any] = {
     "CPL_VSIL_CURL_CACHE_SIZE": 128 << 20,  # fetched bytes kept, process-wide, so no range is fetched twice
 }
 _DONE = object()
+# Rows per block handed to the outputs when they carry probabilities: 64 rows of 8 classes at
+# 8192 px are 17 MB of float32, where a whole stride of rows (224 for 256 px tiles) is 59 MB.
+PROBABILITY_ROWS = 64
 
 
 def default_model_path() -> Path:
@@ -277,23 +280,17 @@ def build_sinks(
     from .stats import StatsWriter
 
     tags = dict(tags or {})
-    makers: list[Callable[[], RowSink]] = []
-    if outputs.probabilities is not None:
-        path = outputs.probabilities
-        makers.append(lambda: ProbabilityWriter(
-            path, scene, meta.classes, outputs.probabilities_dtype, config.compress, tags, cog=config.cog))
-    if outputs.confidence is not None:
-        confidence = outputs.confidence
-        makers.append(lambda: ConfidenceWriter(
-            confidence, scene, outputs.probabilities_dtype, config.compress, tags, cog=config.cog))
-    if outputs.stats is not None:
-        info = {"scene": scene.label, "model": meta.name, "aoi": aoi_label(outputs.aoi)}
-        stats = outputs.stats
-        makers.append(lambda: StatsWriter(stats, meta.classes, scene.transform, scene.crs, info))
     sinks: list[RowSink] = []
     try:
-        for make in makers:
-            sinks.append(make())
+        if outputs.probabilities is not None:
+            sinks.append(ProbabilityWriter(outputs.probabilities, scene, meta.classes, outputs.probabilities_dtype,
+                                           config.compress, tags, cog=config.cog))
+        if outputs.confidence is not None:
+            sinks.append(ConfidenceWriter(outputs.confidence, scene, outputs.probabilities_dtype,
+                                          config.compress, tags, cog=config.cog))
+        if outputs.stats is not None:
+            info = {"scene": scene.label, "model": meta.name, "aoi": aoi_label(outputs.aoi)}
+            sinks.append(StatsWriter(outputs.stats, meta.classes, scene.transform, scene.crs, info))
     except BaseException:
         for sink in sinks:
             sink.abort()
@@ -345,9 +342,7 @@ def _run(
     stop = threading.Event()
     batches: queue.Queue[Any] = queue.Queue(maxsize=config.prefetch_batches)
     with_probabilities = needs_probabilities(stages, sinks)
-    # NOTE: a block with probabilities is K float32 rows per class id row (59 MB for 8 classes, 224
-    # rows, 8192 px); two queued blocks keep the writer busy without holding four.
-    rows_out: queue.Queue[Any] = queue.Queue(maxsize=2 if with_probabilities else 4)
+    rows_out: queue.Queue[Any] = queue.Queue(maxsize=4)
     multiplier, bias = meta.normalization.multiplier_and_bias()
 
     writer = LabelWriter(dst, scene, meta.classes, config.output_nodata, config.compress, tags, cog=config.cog)
@@ -365,10 +360,13 @@ def _run(
 
         def emit(until_row: int) -> None:
             for finished in accumulator.pop_until(until_row):
-                labels = class_ids[finished.labels()]
-                labels[~finished.valid] = config.output_nodata
-                probabilities = softmax(finished.logits()) if with_probabilities else None
-                _put(rows_out, RowBlock(finished.row, labels, finished.valid.copy(), probabilities), stop)
+                # NOTE: probabilities are K float32 values per pixel; in blocks of PROBABILITY_ROWS
+                # rows the few blocks queued for the writer stay small however wide the scene is.
+                for part in finished.split(PROBABILITY_ROWS) if with_probabilities else [finished]:
+                    labels = class_ids[part.labels()]
+                    labels[~part.valid] = config.output_nodata
+                    probabilities = softmax(part.logits()) if with_probabilities else None
+                    _put(rows_out, RowBlock(part.row, labels, part.valid.copy(), probabilities), stop)
 
         for batch, logits in predictor.stream(_drain(batches, stop)):
             for tile, tile_logits, valid, (h, w) in zip(batch.tiles, logits, batch.valid, batch.extents):

@@ -236,3 +236,14 @@ def test_a_shapefile_in_wgs84_finds_its_prj_beside_it(tmp_path: Path, make_scene
     with rasterio.open(tmp_path / "classes.tif") as ds:
         valid = ds.read(1) != 255
     assert valid[:, :60].all() and not valid[:, 60:].any()
+
+
+def test_a_tile_the_area_only_touches_has_no_pixel_inside() -> None:
+    from geoseg.aoi import AreaOfInterest
+
+    aoi = AreaOfInterest(shapely.union_all([shapely.box(0, 0, 10, 10), shapely.box(20, 0, 30, 10)]), "two squares")
+    assert not aoi.mask(0, 10, 10, 10).any(), "sharing an edge is not being inside"
+    assert not aoi.mask(10, 0, 5, 40).any()
+    mask = aoi.mask(0, 5, 10, 20)  # columns 5-25: half of each square
+    assert mask[:, :5].all() and not mask[:, 5:15].any() and mask[:, 15:].all()
+    assert aoi.mask(2, 2, 4, 4).all()
