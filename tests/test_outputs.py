@@ -385,3 +385,17 @@ def test_cli_refuses_bad_destinations_in_one_line_before_any_work(
     assert "Traceback" not in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == before
     assert (tmp_path / "exists.tif").read_bytes() == b"keep me"
+
+
+def test_cog_from_a_preset_with_zstd(tmp_path: Path, make_scene, tiny_model_file: Path, runner) -> None:
+    src = make_scene(width=300, height=260)
+    preset = tmp_path / "cog.yaml"
+    preset.write_text("cog: true\ncompress: zstd\ntile: 64\noverlap: 16\n")
+    result = runner.invoke(main, ["predict", str(src), str(tmp_path / "classes.tif"), "--model", str(tiny_model_file),
+                                  "--config", str(preset), "--confidence", str(tmp_path / "conf.tif"), "-q"])
+    assert result.exit_code == 0, result.output
+    for name in ("classes.tif", "conf.tif"):
+        valid, errors, warnings = cog_validate(str(tmp_path / name), strict=True)
+        assert valid and not errors and not warnings, (name, errors, warnings)
+        with rasterio.open(tmp_path / name) as ds:
+            assert ds.profile["compress"] == "zstd" and ds.overviews(1) == [2]
