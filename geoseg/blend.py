@@ -76,6 +76,19 @@ class FinishedRows:
         """Blended logits ``(K, n, width)`` (a new array)."""
         return self.sums / (self.row_weights[:, None] * self.col_weights[None, :])[None]
 
+    def split(self, max_rows: int) -> Iterator[FinishedRows]:
+        """The same rows as blocks of at most ``max_rows`` (views, valid as long as this block)."""
+        n = self.sums.shape[1]
+        for top in range(0, n, max_rows):
+            bottom = min(top + max_rows, n)
+            yield FinishedRows(
+                row=self.row + top,
+                sums=self.sums[:, top:bottom],
+                valid=self.valid[top:bottom],
+                row_weights=self.row_weights[top:bottom],
+                col_weights=self.col_weights,
+            )
+
 
 class LogitAccumulator:
     """Running weighted logit sums over a band of scene rows.

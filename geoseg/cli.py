@@ -20,6 +20,7 @@ import click
 
 from ._version import __version__
 from .errors import GeosegError
+from .outputs import ProbabilityDtype
 
 log = logging.getLogger("geoseg")
 
@@ -106,6 +107,8 @@ def _predict_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--compile", "compile", is_flag=True, default=None,
                      help="torch.compile the network (the first batch compiles, ~1 min for B0 on a CPU) "
                      "[off]."),
+        click.option("--cog", "cog", is_flag=True, default=None,
+                     help="Write Cloud-Optimized GeoTIFFs with overviews (mode resampling for classes) [off]."),
         click.option("--crf/--no-crf", "crf", default=None,
                      help="Refine the class map with a dense CRF (settings: a crf: section in --config) [off]."),
         click.option("--crf-workers", type=int, help="Worker processes for the CRF; implies --crf [all cores]."),
@@ -134,10 +137,22 @@ def _predict_config(config_file: str | None, flags: dict[str, Any]) -> Any:
 @_predict_options
 @click.option("--band-files", multiple=True, help="Files stacked band after band in model band order, "
               "repeatable or comma-separated; give DST alone.")
+@click.option("--probabilities", type=click.Path(dir_okay=False),
+              help="Also write FILE: one band per class, its probability (see --probabilities-dtype).")
+@click.option("--probabilities-dtype", type=click.Choice(get_args(ProbabilityDtype)), default="uint8",
+              show_default=True, help="uint8: probability x 255 (masked where invalid); float32: nodata NaN.")
+@click.option("--confidence", type=click.Path(dir_okay=False),
+              help="Also write FILE: the top-class probability alone (uint8 nodata 0, or float32).")
+@click.option("--stats", type=click.Path(dir_okay=False),
+              help="Also write per-class pixel counts, areas (m2, ha) and percentages: FILE.json or FILE.csv.")
+@click.option("--aoi", help="Area of interest: a vector file GDAL reads, or GeoJSON text. Only tiles "
+              "touching it are predicted; pixels outside it are nodata.")
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists.")
 @_verbosity_options
 def predict(paths: tuple[str, ...], config_file: str | None, overwrite: bool, verbose: int, quiet: bool,
-            band_files: tuple[str, ...], resample: str | None, assets: str | None, **flags: Any) -> None:
+            band_files: tuple[str, ...], resample: str | None, assets: str | None, probabilities: str | None,
+            probabilities_dtype: str, confidence: str | None, stats: str | None, aoi: str | None,
+            **flags: Any) -> None:
     """Predict a land-cover GeoTIFF from a multispectral scene.
 
     SRC is a GDAL path or a URI: a local file, https:// or s3:// (read in windows, never
@@ -157,6 +172,8 @@ def predict(paths: tuple[str, ...], config_file: str | None, overwrite: bool, ve
       geoseg predict --band-files B04.tif,B03.tif,B02.tif,B05.tif --resample bilinear out.tif
       geoseg predict item.json out.tif --assets red=B04,green=B03,blue=B02,nir=B08
       geoseg predict scene.tif out.tif --crf --config configs/predict-crf.yaml
+      geoseg predict scene.tif out.tif --cog --probabilities probs.tif --stats areas.csv
+      geoseg predict scene.tif out.tif --aoi park.gpkg --confidence confidence.tif
     """
     _configure_logging(verbose, quiet)
     if band_files:
@@ -169,9 +186,19 @@ def predict(paths: tuple[str, ...], config_file: str | None, overwrite: bool, ve
         src = paths[0]
     dst = paths[-1]
     with _user_errors(quiet):
+        from pathlib import Path
+
+        from .outputs import OutputOptions
         from .sources import parse_assets
 
         config = _predict_config(config_file, flags)
+        outputs = OutputOptions(
+            probabilities=Path(probabilities) if probabilities else None,
+            probabilities_dtype=probabilities_dtype,  # type: ignore[arg-type]
+            confidence=Path(confidence) if confidence else None,
+            stats=Path(stats) if stats else None,
+            aoi=aoi,
+        )
 
         from .pipeline import predict_scene
 
@@ -184,6 +211,7 @@ def predict(paths: tuple[str, ...], config_file: str | None, overwrite: bool, ve
             progress=progress,
             resample=resample,  # type: ignore[arg-type]
             assets=parse_assets(assets) if assets else None,
+            outputs=outputs,
         )
         log.info(
             "wrote %s: %d of %d tiles predicted in %.1f s (%.2f MP/s, %s, %s)",

@@ -49,6 +49,8 @@ class PredictConfig:
         compile: Run the network through ``torch.compile`` (the first batch compiles, about a
             minute for B0 on a CPU; needs a C++ compiler). No effect on ONNX models.
         crf: Refine the class map with a dense CRF (:mod:`geoseg.crf`); ``None``: no CRF.
+        cog: Write the class raster (and probability or confidence rasters) as Cloud-Optimized
+            GeoTIFFs with overviews (mode resampling for classes, average for probabilities).
     """
 
     model: str | None = None
@@ -66,6 +68,7 @@ class PredictConfig:
     threads: int | None = None
     compile: bool = False
     crf: CrfConfig | None = None
+    cog: bool = False
 
     def __post_init__(self) -> None:
         if self.tile is not None and (not isinstance(self.tile, int) or self.tile < 32):
@@ -100,6 +103,8 @@ class PredictConfig:
             raise ConfigError(f"compile must be true or false, got {self.compile!r}")
         if self.crf is not None and not isinstance(self.crf, CrfConfig):
             raise ConfigError(f"crf must be a CrfConfig or None, got {self.crf!r}")
+        if not isinstance(self.cog, bool):
+            raise ConfigError(f"cog must be true or false, got {self.cog!r}")
 
     def replace(self, **changes: Any) -> PredictConfig:
         """Return a copy with ``changes`` applied (and validated)."""

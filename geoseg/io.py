@@ -26,6 +26,7 @@ from rasterio.errors import RasterioError, RasterioIOError
 from rasterio.windows import Window
 
 from . import _remote
+from .cog import CogOptions, convert_to_cog, remove_cog_leftovers
 from .errors import GeoreferenceWarning, InputError, OutputError
 from .modelfile import ClassSpec, ModelMetadata
 from .stream import RowBlock
@@ -311,15 +312,168 @@ def check_destination(src: str, dst: str | os.PathLike[str], overwrite: bool) ->
     return dst_path
 
 
-class LabelWriter:
-    """Writes a class raster row block by row block under a temporary name, then renames it.
+def temporary_path(dst: Path, suffix: str = "") -> Path:
+    """A hidden name beside ``dst`` for writing it (this process's id keeps parallel runs apart)."""
+    return dst.with_name(f".{dst.name}{TMP_MARKER}{os.getpid()}{suffix}")
 
-    Until :meth:`commit`, nothing exists under the final name; :meth:`abort` (or an exception
-    inside the ``with`` block) removes the temporary files.
+
+class TiledRasterWriter:
+    """Writes a tiled GeoTIFF row block by row block under a temporary name, then renames it.
+
+    Rows arrive in scene order and are buffered until whole output blocks are complete, so each
+    compressed block is written once; with ``masked``, a validity mask is written beside them as
+    GDAL's internal per-dataset mask. With ``cog``, :meth:`prepare` rewrites the finished file as a
+    Cloud-Optimized GeoTIFF (:mod:`geoseg.cog`). Until :meth:`commit`, nothing exists under the
+    final name; :meth:`abort` (or an exception inside the ``with`` block) removes the temporary
+    files. Subclasses set colour tables and tags on ``self._dst`` and may give a PAM sidecar
+    (:meth:`sidecar_text`).
     """
 
     BLOCK_PX = 256
     needs_probabilities = False  # a RowSink (geoseg.stream) that only needs the classes
+
+    def __init__(self, dst: Path, profile: dict[str, Any], *, masked: bool = False, cog: CogOptions | None = None):
+        """Create the temporary file.
+
+        Args:
+            dst: The final path.
+            profile: rasterio profile: at least width, height, count, dtype, crs, transform;
+                tiling, block size and BigTIFF are set here.
+            masked: Write the validity given to :meth:`write_rows` as an internal mask.
+            cog: Rewrite the finished file as a COG with these options.
+
+        Raises:
+            OutputError: The temporary file cannot be created.
+        """
+        self.dst = Path(dst)
+        self.tmp = temporary_path(self.dst)
+        self.height = int(profile["height"])
+        self.masked = masked
+        self.cog = cog
+        self._cog_tmp = temporary_path(self.dst, ".cog")
+        self._next_row = 0  # next row expected from the caller
+        self._pending_row = 0  # first row not yet written to the file
+        self._pending: list[tuple[npt.NDArray[Any], npt.NDArray[np.bool_] | None]] = []
+        self._finished: Path | None = None  # the complete file under its temporary name, once prepared
+        profile = {
+            "driver": "GTiff",
+            **profile,
+            "tiled": True,
+            "blockxsize": self.BLOCK_PX,
+            "blockysize": self.BLOCK_PX,
+            "BIGTIFF": "IF_SAFER",
+        }
+        if cog is not None:
+            profile = {k: v for k, v in profile.items() if k.lower() != "compress"} | cog.intermediate_profile()
+        try:
+            self._dst = rasterio.open(self.tmp, "w", **profile)
+        except RasterioError as err:
+            raise OutputError(f"{dst}: cannot create ({_gdal_message(err)})") from err
+
+    def write_rows(
+        self, row: int, data: npt.NDArray[Any], valid: npt.NDArray[np.bool_] | None = None
+    ) -> None:
+        """Write ``data`` at scene row ``row``; rows must arrive in order.
+
+        Args:
+            row: First scene row of the block.
+            data: ``(rows, width)`` for one band or ``(bands, rows, width)``, in any dtype that
+                converts to the file's.
+            valid: ``(rows, width)`` validity; required when the writer is ``masked``.
+        """
+        if row != self._next_row:
+            raise AssertionError(f"rows must arrive in order: expected row {self._next_row}, got {row}")
+        if data.ndim == 2:
+            data = data[None]
+        if self.masked and valid is None:
+            raise AssertionError("a masked writer needs the validity of every row")
+        self._pending.append((data.astype(self._dst.dtypes[0], copy=False), valid if self.masked else None))
+        self._next_row += data.shape[1]
+        pending_rows = self._next_row - self._pending_row
+        ready = pending_rows if self._next_row >= self.height else pending_rows - pending_rows % self.BLOCK_PX
+        if ready:
+            if len(self._pending) > 1:
+                block = np.concatenate([d for d, _ in self._pending], axis=1)
+                mask = np.concatenate([m for _, m in self._pending]) if self.masked else None
+            else:
+                block, mask = self._pending[0]
+            window = Window(0, self._pending_row, block.shape[2], ready)
+            self._dst.write(block[:, :ready], window=window)
+            if mask is not None:
+                self._dst.write_mask(mask[:ready], window=window)
+            left = block.shape[1] - ready
+            self._pending = [(block[:, ready:], None if mask is None else mask[ready:])] if left else []
+            self._pending_row += ready
+
+    def sidecar_text(self) -> str | None:
+        """Text of the ``.aux.xml`` sidecar that goes with the file (``None``: no sidecar)."""
+        return None
+
+    def prepare(self) -> None:
+        """Finish the file under its temporary name: close it and, for a COG, convert it.
+
+        The slow and failure-prone part of committing, so that several outputs can all be
+        prepared before any of them is renamed. Calling it again does nothing.
+        """
+        if self._finished is not None:
+            return
+        if self._next_row != self.height:
+            raise AssertionError(f"only {self._next_row} of {self.height} rows were written")
+        self._dst.close()
+        if self.cog is None:
+            self._finished = self.tmp
+            return
+        convert_to_cog(self.tmp, self._cog_tmp, self.cog, label=self.dst)
+        self._remove(self.tmp)
+        self._finished = self._cog_tmp
+
+    def commit(self) -> None:
+        """Prepare if not yet done, write the sidecar and move both to their final names."""
+        self.prepare()
+        assert self._finished is not None
+        aux_tmp, aux_dst = Path(f"{self._finished}.aux.xml"), Path(f"{self.dst}.aux.xml")
+        text = self.sidecar_text()
+        if text is not None:
+            aux_tmp.write_text(text)
+        # NOTE: the sidecar lands first; the raster's rename is the moment the output exists.
+        if aux_tmp.exists():
+            os.replace(aux_tmp, aux_dst)
+        else:
+            aux_dst.unlink(missing_ok=True)  # an older file's sidecar would describe the wrong raster
+        os.replace(self._finished, self.dst)
+
+    def abort(self) -> None:
+        """Close and remove the temporary files; the final name is never touched."""
+        try:
+            self._dst.close()
+        finally:
+            self._remove(self.tmp)
+            remove_cog_leftovers(self._cog_tmp)
+
+    @staticmethod
+    def _remove(path: Path) -> None:
+        for item in (path, Path(f"{path}.aux.xml")):
+            item.unlink(missing_ok=True)
+
+    def __enter__(self) -> TiledRasterWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is not None:
+            self.abort()
+
+
+def scene_profile(scene: Scene) -> dict[str, Any]:
+    """The grid of a scene as a rasterio profile (size, CRS, transform) for an output."""
+    return {"width": scene.width, "height": scene.height, "crs": scene.crs, "transform": scene.transform}
+
+
+class LabelWriter(TiledRasterWriter):
+    """Writes the class raster: class ids, a colour table, class names and provenance tags.
+
+    With ``cog``, overviews are built with mode resampling, so each overview pixel is the most
+    frequent class of the pixels it covers, never an average of class ids.
+    """
 
     def __init__(
         self,
@@ -329,35 +483,15 @@ class LabelWriter:
         output_nodata: int,
         compress: str,
         tags: dict[str, str],
+        *,
+        cog: bool = False,
     ):
-        self.dst = dst
         self.classes = tuple(classes)
         self.dtype = output_dtype(classes, output_nodata)
-        self.tmp = dst.with_name(f".{dst.name}{TMP_MARKER}{os.getpid()}")
-        self.height = scene.height
-        self._next_row = 0  # next row expected from the caller
-        self._pending_row = 0  # first row not yet written to the file
-        self._pending: list[npt.NDArray[np.integer]] = []
-        profile = {
-            "driver": "GTiff",
-            "width": scene.width,
-            "height": scene.height,
-            "count": 1,
-            "dtype": self.dtype,
-            "crs": scene.crs,
-            "transform": scene.transform,
-            "nodata": output_nodata,
-            "tiled": True,
-            "blockxsize": self.BLOCK_PX,
-            "blockysize": self.BLOCK_PX,
-            "BIGTIFF": "IF_SAFER",
-        }
+        profile = scene_profile(scene) | {"count": 1, "dtype": self.dtype, "nodata": output_nodata}
         if compress != "none":
             profile["compress"] = compress
-        try:
-            self._dst = rasterio.open(self.tmp, "w", **profile)
-        except RasterioError as err:
-            raise OutputError(f"{dst}: cannot create ({_gdal_message(err)})") from err
+        super().__init__(dst, profile, cog=CogOptions("mode", compress) if cog else None)
         self._dst.write_colormap(1, {c.id: c.rgba for c in self.classes} | {output_nodata: (0, 0, 0, 0)})
         self._dst.set_band_description(1, "land cover class")
         class_tags = {f"CLASS_{c.id}": c.name for c in self.classes}
@@ -367,49 +501,9 @@ class LabelWriter:
         """Write a finished row block (the :class:`geoseg.stream.RowSink` interface)."""
         self.write_rows(block.row, block.classes)
 
-    def write_rows(self, row: int, labels: npt.NDArray[np.integer]) -> None:
-        """Write ``labels`` (rows, width) at scene row ``row``; rows must arrive in order.
-
-        Rows are buffered until whole output blocks are complete, so each compressed block
-        is written once.
-        """
-        if row != self._next_row:
-            raise AssertionError(f"rows must arrive in order: expected row {self._next_row}, got {row}")
-        self._pending.append(labels.astype(self.dtype, copy=False))
-        self._next_row += labels.shape[0]
-        pending_rows = self._next_row - self._pending_row
-        ready = pending_rows if self._next_row >= self.height else pending_rows - pending_rows % self.BLOCK_PX
-        if ready:
-            block = np.concatenate(self._pending) if len(self._pending) > 1 else self._pending[0]
-            self._dst.write(block[:ready], 1, window=Window(0, self._pending_row, block.shape[1], ready))
-            self._pending = [block[ready:]] if ready < block.shape[0] else []
-            self._pending_row += ready
-
-    def commit(self) -> None:
-        """Close, write the class-name sidecar and move both to their final names."""
-        if self._next_row != self.height:
-            raise AssertionError(f"only {self._next_row} of {self.height} rows were written")
-        self._dst.close()
-        aux_tmp = Path(f"{self.tmp}.aux.xml")
-        aux_tmp.write_text(pam_xml(self.classes))
-        # NOTE: the sidecar lands first; the raster's rename is the moment the output exists.
-        os.replace(aux_tmp, Path(f"{self.dst}.aux.xml"))
-        os.replace(self.tmp, self.dst)
-
-    def abort(self) -> None:
-        """Close and remove the temporary files; the final name is never touched."""
-        try:
-            self._dst.close()
-        finally:
-            for path in (self.tmp, Path(f"{self.tmp}.aux.xml")):
-                path.unlink(missing_ok=True)
-
-    def __enter__(self) -> LabelWriter:
-        return self
-
-    def __exit__(self, exc_type: object, *exc: object) -> None:
-        if exc_type is not None:
-            self.abort()
+    def sidecar_text(self) -> str:
+        """GDAL's category names and attribute table (:func:`pam_xml`)."""
+        return pam_xml(self.classes)
 
 
 def pam_xml(classes: Sequence[ClassSpec]) -> str:

@@ -7,11 +7,13 @@ raster afterwards, still block by block.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from .errors import ConfigError
+from .errors import ConfigError, OutputError
 
 ProbabilityDtype = Literal["uint8", "float32"]
 
@@ -57,3 +59,33 @@ class OutputOptions:
         """Every output file or folder asked for (to check them all before any work starts)."""
         return [p for p in (self.probabilities, self.confidence, self.stats, self.vector, self.report, self.stac)
                 if p is not None]
+
+
+def check_streamed_destinations(
+    sources: Sequence[str], dst: str | os.PathLike[str], outputs: OutputOptions, overwrite: bool
+) -> None:
+    """Refuse probability, confidence and statistics files that cannot or must not be written.
+
+    Checked before any work starts, like the class raster itself (:func:`geoseg.io.check_destination`):
+    not an input, folder present, not existing without ``overwrite``; no two outputs on one
+    file; statistics named ``.json`` or ``.csv``.
+
+    Raises:
+        OutputError: The message names the file and the problem.
+    """
+    from .io import check_destination
+    from .stats import stats_format
+
+    for path in (outputs.probabilities, outputs.confidence, outputs.stats):
+        if path is None:
+            continue
+        for src in sources:
+            check_destination(src, path, overwrite)
+    if outputs.stats is not None:
+        stats_format(outputs.stats)
+    seen = {os.path.abspath(dst): "the class raster"}
+    for path in outputs.files():
+        key = os.path.abspath(path)
+        if key in seen:
+            raise OutputError(f"{path}: given for two outputs ({seen[key]} too); choose another file")
+        seen[key] = "another output"

@@ -26,13 +26,14 @@ import rasterio
 import rasterio.env
 
 from ._version import __version__
+from .aoi import AreaOfInterest, aoi_label, load_aoi
 from .blend import LogitAccumulator
 from .config import DEFAULT_OVERLAP_PX, DEFAULT_TILE_PX, PredictConfig
 from .errors import CheckpointError, ConfigError, NodataWarning
 from .inference import TileBatch, TilePredictor, resolve_device, resolve_precision
 from .io import LabelWriter, Scene, SceneReader, check_destination, open_scene, output_dtype
 from .modelfile import LoadedModel, ModelMetadata, load_model
-from .outputs import OutputOptions
+from .outputs import OutputOptions, check_streamed_destinations
 from .sources import Resampling, resolve_source
 from .stream import RowBlock, RowSink, RowStage, needs_probabilities, run_chain, softmax
 from .tiling import Tile, TileGrid, taper_2d
@@ -57,6 +58,9 @@ REMOTE_GDAL_OPTIONS: dict[str, Any] = {
     "CPL_VSIL_CURL_CACHE_SIZE": 128 << 20,  # fetched bytes kept, process-wide, so no range is fetched twice
 }
 _DONE = object()
+# Rows per block handed to the outputs when they carry probabilities: 64 rows of 8 classes at
+# 8192 px are 17 MB of float32, where a whole stride of rows (224 for 256 px tiles) is 59 MB.
+PROBABILITY_ROWS = 64
 
 
 def default_model_path() -> Path:
@@ -147,6 +151,8 @@ def predict_scene(
         scene = open_scene(source.path, model.metadata, config.bands, config.nodata, name=source.name)
         for path in source.files:
             dst_path = check_destination(path, dst, overwrite)
+        check_streamed_destinations(source.files, dst_path, outputs, overwrite)
+        aoi = load_aoi(outputs.aoi, scene) if outputs.aoi is not None else None
         grid = plan_grid(scene, model.metadata, config)
         if "GDAL_CACHEMAX" not in os.environ:
             rasterio.env.setenv(GDAL_CACHEMAX=block_cache_bytes(scene, grid, source.block_rows))
@@ -172,9 +178,9 @@ def predict_scene(
             "GEOSEG_SOURCE": source.tag,
         }
         stages = build_stages(scene, model.metadata, config)
-        sinks = build_sinks(scene, model.metadata, config, outputs)
+        sinks = build_sinks(scene, model.metadata, config, outputs, tags)
         try:
-            predicted = _run(scene, grid, model, predictor, config, dst_path, tags, progress, stages, sinks)
+            predicted = _run(scene, grid, model, predictor, config, dst_path, tags, progress, stages, sinks, aoi)
         except BaseException:
             _Outputs(stages, sinks).abort()  # also when the class raster could not even be created
             for stage in stages:
@@ -270,9 +276,36 @@ def build_stages(scene: Scene, meta: ModelMetadata, config: PredictConfig) -> li
     return stages
 
 
-def build_sinks(scene: Scene, meta: ModelMetadata, config: PredictConfig, outputs: OutputOptions) -> list[RowSink]:
-    """Outputs besides the class raster that consume the finished rows (probabilities, statistics)."""
+def build_sinks(
+    scene: Scene,
+    meta: ModelMetadata,
+    config: PredictConfig,
+    outputs: OutputOptions,
+    tags: Mapping[str, str] | None = None,
+) -> list[RowSink]:
+    """Outputs besides the class raster that consume the finished rows (probabilities, statistics).
+
+    Each creates its temporary file here; on any failure those already created are removed.
+    """
+    from .rasters import ConfidenceWriter, ProbabilityWriter
+    from .stats import StatsWriter
+
+    tags = dict(tags or {})
     sinks: list[RowSink] = []
+    try:
+        if outputs.probabilities is not None:
+            sinks.append(ProbabilityWriter(outputs.probabilities, scene, meta.classes, outputs.probabilities_dtype,
+                                           config.compress, tags, cog=config.cog))
+        if outputs.confidence is not None:
+            sinks.append(ConfidenceWriter(outputs.confidence, scene, outputs.probabilities_dtype,
+                                          config.compress, tags, cog=config.cog))
+        if outputs.stats is not None:
+            info = {"scene": scene.label, "model": meta.name, "aoi": aoi_label(outputs.aoi)}
+            sinks.append(StatsWriter(outputs.stats, meta.classes, scene.transform, scene.crs, info))
+    except BaseException:
+        for sink in sinks:
+            sink.abort()
+        raise
     return sinks
 
 
@@ -293,11 +326,13 @@ def _run(
     progress: bool,
     stages: Sequence[RowStage] = (),
     sinks: Sequence[RowSink] = (),
+    aoi: AreaOfInterest | None = None,
 ) -> int:
     """Drive reader, network and writer for one scene; returns the number of tiles predicted.
 
     Finished rows go through ``stages`` and then to the class raster and every sink, on the
-    writer thread; all outputs are committed together at the end, or all aborted.
+    writer thread; all outputs are committed together at the end, or all aborted. With an
+    ``aoi``, tiles that hold no pixel of it are never read, and pixels outside it are invalid.
     """
     from tqdm import tqdm
 
@@ -317,14 +352,14 @@ def _run(
     )
     stop = threading.Event()
     batches: queue.Queue[Any] = queue.Queue(maxsize=config.prefetch_batches)
+    with_probabilities = needs_probabilities(stages, sinks)
     rows_out: queue.Queue[Any] = queue.Queue(maxsize=4)
     multiplier, bias = meta.normalization.multiplier_and_bias()
 
-    with_probabilities = needs_probabilities(stages, sinks)
-    writer = LabelWriter(dst, scene, meta.classes, config.output_nodata, config.compress, tags)
+    writer = LabelWriter(dst, scene, meta.classes, config.output_nodata, config.compress, tags, cog=config.cog)
     outputs = _Outputs(stages, [writer, *sinks])
     reader = threading.Thread(
-        target=_read_batches, args=(scene, grid, multiplier, bias, config.batch_size, batches, stop), daemon=True
+        target=_read_batches, args=(scene, grid, multiplier, bias, config.batch_size, batches, stop, aoi), daemon=True
     )
     writer_thread = threading.Thread(target=_write_rows, args=(outputs, rows_out, stop), daemon=True)
     bar = tqdm(total=len(grid), unit="tile", disable=not progress, file=sys.stderr, dynamic_ncols=True)
@@ -336,10 +371,13 @@ def _run(
 
         def emit(until_row: int) -> None:
             for finished in accumulator.pop_until(until_row):
-                labels = class_ids[finished.labels()]
-                labels[~finished.valid] = config.output_nodata
-                probabilities = softmax(finished.logits()) if with_probabilities else None
-                _put(rows_out, RowBlock(finished.row, labels, finished.valid.copy(), probabilities), stop)
+                # NOTE: probabilities are K float32 values per pixel; in blocks of PROBABILITY_ROWS
+                # rows the few blocks queued for the writer stay small however wide the scene is.
+                for part in finished.split(PROBABILITY_ROWS) if with_probabilities else [finished]:
+                    labels = class_ids[part.labels()]
+                    labels[~part.valid] = config.output_nodata
+                    probabilities = softmax(part.logits()) if with_probabilities else None
+                    _put(rows_out, RowBlock(part.row, labels, part.valid.copy(), probabilities), stop)
 
         for batch, logits in predictor.stream(_drain(batches, stop)):
             for tile, tile_logits, valid, (h, w) in zip(batch.tiles, logits, batch.valid, batch.extents):
@@ -415,15 +453,28 @@ def _read_batches(
     batch_size: int,
     out: queue.Queue[Any],
     stop: threading.Event,
+    aoi: AreaOfInterest | None = None,
 ) -> None:
-    """Reader thread: tiles with at least one valid pixel, in grid order, in batches."""
+    """Reader thread: tiles with at least one valid pixel, in grid order, in batches.
+
+    With an ``aoi``, a tile without a pixel inside it is skipped before it is read, and the
+    pixels of a tile outside it are marked invalid (they still give the network context).
+    """
     try:
         with SceneReader(scene, multiplier, bias) as reader:
             pending: list[tuple[Tile, Any, Any, tuple[int, int]]] = []
             for tile in grid:
                 if stop.is_set():
                     return
+                inside = None
+                if aoi is not None:
+                    h, w = min(tile.size, scene.height - tile.y), min(tile.size, scene.width - tile.x)
+                    inside = aoi.mask(tile.y, tile.x, h, w)
+                    if not inside.any():
+                        continue  # outside the area of interest: never read
                 pixels, valid, h, w = reader.read_tile(tile.y, tile.x, tile.size)
+                if inside is not None:
+                    valid[:h, :w] &= inside
                 if not valid.any():
                     continue  # an all-nodata tile never reaches the model
                 pending.append((tile, pixels, valid, (h, w)))
@@ -468,8 +519,14 @@ class _Outputs:
     def commit(self) -> None:
         """Make every output appear, the class raster (first sink) last: it means the run is complete.
 
-        If one fails, it and those not yet committed are removed (by :meth:`abort`).
+        Sinks with a ``prepare`` step (closing files, COG conversion: the slow, failure-prone
+        part) are all prepared before any output is renamed, so a failure there leaves no
+        output at all. If a commit fails, it and those not yet committed are removed (by :meth:`abort`).
         """
+        for sink in self.sinks:
+            prepare = getattr(sink, "prepare", None)
+            if prepare is not None:
+                prepare()
         for sink in [*self.sinks[1:], self.sinks[0]]:
             sink.commit()
             self._committed.append(sink)

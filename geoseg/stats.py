@@ -7,7 +7,11 @@ computed per row on the authalic sphere of WGS 84, within about 0.5 % of the ell
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import csv
+import io
+import json
+import os
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -17,10 +21,14 @@ import numpy.typing as npt
 import rasterio
 from affine import Affine
 
+from .errors import OutputError
+from .io import temporary_path
 from .modelfile import ClassSpec
 from .stream import RowBlock
 
 AUTHALIC_RADIUS_M = 6371007.181  # radius of the sphere with the WGS 84 ellipsoid's surface area
+STATS_FORMATS = {".json": "json", ".csv": "csv"}
+CSV_COLUMNS = ("id", "name", "pixels", "area_m2", "hectares", "percent")
 
 
 @dataclass(frozen=True)
@@ -120,3 +128,88 @@ def count_raster(path: str | Path, classes: Sequence[ClassSpec]) -> list[ClassAr
             valid = ds.read_masks(1, window=window) > 0
             counter.add(row, values, valid)
     return counter.table()
+
+
+def stats_format(path: str | os.PathLike[str]) -> str:
+    """``json`` or ``csv``, from the file's extension.
+
+    Raises:
+        OutputError: Any other extension.
+    """
+    fmt = STATS_FORMATS.get(Path(path).suffix.lower())
+    if fmt is None:
+        raise OutputError(f"{path}: statistics are written as .json or .csv; give one of those extensions")
+    return fmt
+
+
+def stats_document(table: Sequence[ClassArea], transform: Affine, crs: Any, info: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON statistics: ``info`` (scene, model, ...), grid, totals and one entry per class."""
+    unit = "degree" if crs is not None and crs.is_geographic else (
+        crs.linear_units if crs is not None and crs.is_projected else "pixel"
+    )
+    return {
+        **info,
+        "crs": crs.to_string() if crs is not None else None,
+        "pixel_size": [abs(transform.a), abs(transform.e)],
+        "pixel_size_unit": unit,
+        "valid_pixels": sum(c.pixels for c in table),
+        "area_m2": sum(c.area_m2 for c in table),
+        "hectares": sum(c.hectares for c in table),
+        "classes": [c.as_dict() for c in table],
+    }
+
+
+def stats_csv(table: Sequence[ClassArea]) -> str:
+    """One row per class (``CSV_COLUMNS``) and a last ``total`` row with an empty id."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for c in table:
+        writer.writerow([c.id, c.name, c.pixels, f"{c.area_m2:.2f}", f"{c.hectares:.4f}", f"{c.percent:.4f}"])
+    total_m2 = sum(c.area_m2 for c in table)
+    total_pct = 100.0 if total_m2 else 0.0
+    writer.writerow(["", "total", sum(c.pixels for c in table), f"{total_m2:.2f}", f"{total_m2 / 1e4:.4f}", f"{total_pct:.4f}"])
+    return out.getvalue()
+
+
+class StatsWriter(ClassAreaCounter):
+    """Counts class areas from the finished rows and writes them as JSON or CSV on commit.
+
+    The format follows ``dst``'s extension (:func:`stats_format`). JSON carries the totals, CRS,
+    pixel size, model and scene beside the per-class figures; CSV is the per-class table with a
+    total row. Percentages are shares of the valid area (the pixel share in a projected CRS).
+    """
+
+    def __init__(
+        self,
+        dst: str | os.PathLike[str],
+        classes: Sequence[ClassSpec],
+        transform: Affine,
+        crs: Any,
+        info: Mapping[str, Any],
+    ):
+        super().__init__(classes, transform, crs)
+        self.dst = Path(dst)
+        self.format = stats_format(self.dst)
+        self.info = dict(info)
+        self.tmp = temporary_path(self.dst)
+
+    def text(self) -> str:
+        """The file's content for the rows counted so far."""
+        table = self.table()
+        if self.format == "csv":
+            return stats_csv(table)
+        return json.dumps(stats_document(table, self.transform, self.crs, self.info), indent=2) + "\n"
+
+    def commit(self) -> None:
+        """Write the file under a temporary name, then rename it."""
+        try:
+            self.tmp.write_text(self.text())
+        except OSError as err:
+            self.tmp.unlink(missing_ok=True)
+            raise OutputError(f"{self.dst}: cannot write ({err.strerror or err})") from err
+        os.replace(self.tmp, self.dst)
+
+    def abort(self) -> None:
+        """Remove the temporary file, if a failed commit left one."""
+        self.tmp.unlink(missing_ok=True)
