@@ -108,10 +108,22 @@ RESAMPLINGS = ("nearest", "bilinear", "cubic")  # geoseg.sources.Resampling (not
               help="Resample band files coarser than the finest one onto its grid [refuse them].")
 @click.option("--assets", help="STAC Item assets: red=B04,green=B03,... or keys in model band order "
               "[by eo:bands common name].")
-@click.option("--overwrite", is_flag=True, help="Replace DST if it exists.")
+@click.option("--vector", "vector", type=click.Path(dir_okay=False),
+              help="Also write one polygon per class region: FILE.gpkg (GeoPackage) or FILE.geojson.")
+@click.option("--simplify", "vector_simplify", type=click.FloatRange(min=0), default=0.0,
+              help="Polygon simplification tolerance in map units, shared edges kept [0: exact pixel edges].")
+@click.option("--min-area", "vector_min_area", type=click.FloatRange(min=0), default=0.0,
+              help="Drop polygons smaller than this, in square map units [0: keep all].")
+@click.option("--report", "report", type=click.Path(file_okay=False),
+              help="Also write a static HTML report to this folder (quicklooks, legend, area table).")
+@click.option("--stac", "stac", type=click.Path(dir_okay=False),
+              help="Also write a STAC Item (JSON) describing DST.")
+@click.option("--overwrite", is_flag=True, help="Replace DST (and the other outputs) if they exist.")
 @_verbosity_options
 def predict(paths: tuple[str, ...], config_file: str | None, overwrite: bool, verbose: int, quiet: bool,
-            band_files: tuple[str, ...], resample: str | None, assets: str | None, **flags: Any) -> None:
+            band_files: tuple[str, ...], resample: str | None, assets: str | None, vector: str | None,
+            vector_simplify: float, vector_min_area: float, report: str | None, stac: str | None,
+            **flags: Any) -> None:
     """Predict a land-cover GeoTIFF from a multispectral scene.
 
     SRC is a GDAL path or a URI: a local file, https:// or s3:// (read in windows, never
@@ -130,6 +142,8 @@ def predict(paths: tuple[str, ...], config_file: str | None, overwrite: bool, ve
       geoseg predict B04.tif,B03.tif,B02.tif,B08.tif out.tif
       geoseg predict --band-files B04.tif,B03.tif,B02.tif,B05.tif --resample bilinear out.tif
       geoseg predict item.json out.tif --assets red=B04,green=B03,blue=B02,nir=B08
+      geoseg predict scene.tif out.tif --vector out.gpkg --simplify 15 --min-area 3600
+      geoseg predict scene.tif out.tif --report out_report --stac out.json
     """
     _configure_logging(verbose, quiet)
     if band_files:
@@ -150,8 +164,20 @@ def predict(paths: tuple[str, ...], config_file: str | None, overwrite: bool, ve
             flags["bands"] = parse_band_list(flags["bands"])
         config = build_config(file_settings, **flags)
 
+        from pathlib import Path
+
+        from .outputs import OutputOptions
         from .pipeline import predict_scene
 
+        if (vector_simplify or vector_min_area) and vector is None:
+            raise click.UsageError("--simplify and --min-area apply to --vector; give --vector FILE too")
+        outputs = OutputOptions(
+            vector=Path(vector) if vector else None,
+            vector_simplify=vector_simplify,
+            vector_min_area=vector_min_area,
+            report=Path(report) if report else None,
+            stac=Path(stac) if stac else None,
+        )
         progress = not quiet and sys.stderr.isatty()
         result = predict_scene(
             src,
@@ -161,6 +187,7 @@ def predict(paths: tuple[str, ...], config_file: str | None, overwrite: bool, ve
             progress=progress,
             resample=resample,  # type: ignore[arg-type]
             assets=parse_assets(assets) if assets else None,
+            outputs=outputs,
         )
         log.info(
             "wrote %s: %d of %d tiles predicted in %.1f s (%.2f MP/s, %s, %s)",

@@ -7,11 +7,13 @@ raster afterwards, still block by block.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from .errors import ConfigError
+from .errors import ConfigError, OutputError
 
 ProbabilityDtype = Literal["uint8", "float32"]
 
@@ -57,3 +59,33 @@ class OutputOptions:
         """Every output file or folder asked for (to check them all before any work starts)."""
         return [p for p in (self.probabilities, self.confidence, self.stats, self.vector, self.report, self.stac)
                 if p is not None]
+
+
+def check_output_destinations(outputs: OutputOptions, dst: Path, sources: Sequence[str], overwrite: bool) -> None:
+    """Refuse extra outputs that cannot or must not be written, before any work starts.
+
+    Raises:
+        OutputError: An output is the class raster, an input or another output; its folder is
+            missing; it exists without ``overwrite``; a polygon file's extension is unknown.
+    """
+    from .io import check_destination
+
+    seen = {os.path.abspath(dst): "the class raster"}
+    for path in outputs.files():
+        if os.path.abspath(path) in seen:
+            raise OutputError(f"{path}: also given as {seen[os.path.abspath(path)]}; choose another name")
+        seen[os.path.abspath(path)] = str(path)
+        if path == outputs.report:
+            if not path.parent.is_dir():
+                raise OutputError(f"{path}: folder {path.parent} does not exist")
+            if path.exists() and not path.is_dir():
+                raise OutputError(f"{path}: exists and is not a folder; the report is a folder")
+            if path.exists() and not overwrite:
+                raise OutputError(f"{path}: already exists (use --overwrite to replace it)")
+            continue
+        for src in sources:
+            check_destination(src, path, overwrite)
+    if outputs.vector is not None:
+        from .vectorize import vector_driver
+
+        vector_driver(outputs.vector)
