@@ -22,6 +22,7 @@ leave holes in the coverage, and the raster keeps their pixels.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -84,33 +85,74 @@ def iter_regions(
     shapely = lazy_import("shapely", extra="vector")
     with rasterio.open(path) as ds:
         height, width = ds.height, ds.width
-        open_regions: list[_Region] = []  # regions touching the bottom border of the last block row
+        open_regions: list[_Region] = []  # regions reaching the bottom border of the last block row
         for row_off in range(0, height, block_px):
             rows = min(block_px, height - row_off)
-            row_end = row_off + rows
-            pending: list[tuple[int, Any]] = []
+            pending: list[_Part] = []
             for col_off in range(0, width, block_px):
                 cols = min(block_px, width - col_off)
                 window = Window(col_off, row_off, cols, rows)
                 values = ds.read(1, window=window)
                 valid = ds.read_masks(1, window=window) > 0
                 for value, polygon in _block_shapes(values, valid, col_off, row_off):
-                    minx, miny, maxx, maxy = polygon.bounds
-                    crosses = (
-                        (minx == col_off and col_off > 0)
-                        or (maxx == col_off + cols and col_off + cols < width)
-                        or (miny == row_off and row_off > 0)
-                        or (maxy == row_end and row_end < height)
-                    )
-                    if crosses:
-                        pending.append((value, polygon))
+                    part = _Part.on_borders(value, polygon, window, height, width, shapely)
+                    if part.crosses:
+                        pending.append(part)
                     else:
                         yield value, polygon
-            finished, open_regions = _join(open_regions, pending, row_off, row_end, height, shapely)
+            finished, open_regions = _join(open_regions, pending, row_off, rows, width)
             for region in finished:
                 yield from region.merged(shapely)
-        for region in open_regions:  # only when the last block row left some (it never should)
+        for region in open_regions:  # none: the last block row has no bottom border
             yield from region.merged(shapely)
+
+
+@dataclass
+class _Part:
+    """A polygon of one block that reaches an internal block border, with the runs it has on each.
+
+    A run ``(start, end)`` is a stretch of the polygon's outline along a border line: the
+    pixels just inside the block along it belong to the polygon. Only the exterior ring can
+    run along the block's border (a hole is surrounded by the polygon).
+    """
+
+    value: int
+    polygon: Any
+    left: list[tuple[int, int]]  # on x = col_off (rows)
+    right: list[tuple[int, int]]  # on x = col_off + cols (rows)
+    top: list[tuple[int, int]]  # on y = row_off (columns)
+    bottom: list[tuple[int, int]]  # on y = row_off + rows (columns)
+    window: Window
+
+    @property
+    def crosses(self) -> bool:
+        return bool(self.left or self.right or self.top or self.bottom)
+
+    @classmethod
+    def on_borders(cls, value: int, polygon: Any, window: Window, height: int, width: int, shapely: Any) -> _Part:
+        """Runs of ``polygon`` along its block's internal borders (the scene's edges do not count)."""
+        x0, y0 = window.col_off, window.row_off
+        x1, y1 = x0 + window.width, y0 + window.height
+        minx, miny, maxx, maxy = polygon.bounds
+        runs: dict[str, list[tuple[int, int]]] = {"left": [], "right": [], "top": [], "bottom": []}
+        if (minx == x0 and x0 > 0) or (maxx == x1 and x1 < width) or (miny == y0 and y0 > 0) or (
+            maxy == y1 and y1 < height
+        ):
+            xy = shapely.get_coordinates(polygon.exterior)
+            a, b = xy[:-1], xy[1:]
+            for name, axis, line, inside in (
+                ("left", 0, x0, x0 > 0),
+                ("right", 0, x1, x1 < width),
+                ("top", 1, y0, y0 > 0),
+                ("bottom", 1, y1, y1 < height),
+            ):
+                if not inside:
+                    continue
+                on = (a[:, axis] == line) & (b[:, axis] == line)
+                if on.any():
+                    ends = np.sort(np.stack([a[on, 1 - axis], b[on, 1 - axis]], axis=1), axis=1).astype(np.int64)
+                    runs[name] = [(int(lo), int(hi)) for lo, hi in ends]
+        return cls(value, polygon, window=window, **runs)
 
 
 @dataclass
@@ -119,7 +161,7 @@ class _Region:
 
     value: int
     parts: list[Any]
-    frontier: list[Any]  # the parts touching the bottom border of the last block row
+    frontier: list[_Part]  # the parts on the bottom border of the last block row
 
     def merged(self, shapely: Any) -> Iterator[tuple[int, Any]]:
         geometry = self.parts[0] if len(self.parts) == 1 else shapely.union_all(self.parts)
@@ -131,42 +173,51 @@ class _Region:
 def _block_shapes(
     values: np.ndarray, valid: np.ndarray, col_off: int, row_off: int
 ) -> Iterator[tuple[int, Any]]:
-    from shapely.geometry import shape
+    """The regions of one block, in scene pixel coordinates."""
+    import shapely
 
     transform = Affine.translation(col_off, row_off)
-    for geometry, value in rasterio.features.shapes(values, mask=valid, connectivity=4, transform=transform):
-        yield int(value), shape(geometry)
+    shapes = list(rasterio.features.shapes(values, mask=valid, connectivity=4, transform=transform))
+    if not shapes:
+        return
+    # NOTE: built as arrays (rings, then polygons from them) rather than one shapely.geometry.shape()
+    # per region: half the time, and the time matters on a 64 MP map.
+    rings = [ring for geometry, _ in shapes for ring in geometry["coordinates"]]
+    coords = np.array([xy for ring in rings for xy in ring], dtype=np.float64)
+    ring_index = np.repeat(np.arange(len(rings)), [len(ring) for ring in rings])
+    polygon_index = np.repeat(np.arange(len(shapes)), [len(geometry["coordinates"]) for geometry, _ in shapes])
+    polygons = shapely.polygons(shapely.linearrings(coords, indices=ring_index), indices=polygon_index)
+    for (_, value), polygon in zip(shapes, polygons):
+        yield int(value), polygon
 
 
 def _join(
-    open_regions: list[_Region],
-    pending: list[tuple[int, Any]],
-    row_off: int,
-    row_end: int,
-    height: int,
-    shapely: Any,
+    open_regions: list[_Region], pending: list[_Part], row_off: int, rows: int, width: int
 ) -> tuple[list[_Region], list[_Region]]:
-    """Join one block row's border-touching polygons with each other and with the open regions.
+    """Join one block row's border parts with each other and with the regions left open above.
 
-    Returns ``(finished, still_open)``: regions that do not reach the next block row are finished.
+    Two parts are one region where the pixels on either side of a border line belong to them
+    and have the same class (a shared edge; 4-connected regions meeting at a corner stay apart).
+    Returns ``(finished, still_open)``: regions not reaching the next block row are finished.
     """
     # Items: the frontier parts of the open regions first, then the new parts.
-    items: list[Any] = []
+    items: list[_Part] = []
     owners: list[int] = []  # index into open_regions, or -1 for a new part
     for index, region in enumerate(open_regions):
         items += region.frontier
         owners += [index] * len(region.frontier)
     first_new = len(items)
-    items += [polygon for _, polygon in pending]
-    values = np.array([open_regions[o].value for o in owners] + [v for v, _ in pending], dtype=np.int64)
+    items += pending
+    owners += [-1] * len(pending)
+    values = np.array([item.value for item in items], dtype=np.int64)
 
-    parent = list(range(len(items)))
+    parent = np.arange(len(items))
 
     def find(i: int) -> int:
         while parent[i] != i:
             parent[i] = parent[parent[i]]
             i = parent[i]
-        return i
+        return int(i)
 
     def link(i: int, j: int) -> None:
         root_i, root_j = find(i), find(j)
@@ -174,18 +225,39 @@ def _join(
             parent[root_j] = root_i
 
     first_item_of_region: dict[int, int] = {}
-    for i, owner in enumerate(owners):
+    for i, owner in enumerate(owners[:first_new]):
         link(first_item_of_region.setdefault(owner, i), i)
-    if items:
-        geometries = np.array(items, dtype=object)
-        left, right = shapely.STRtree(geometries).query(geometries, predicate="touches")
-        keep = (left < right) & (values[left] == values[right])
-        left, right = left[keep], right[keep]
-        # NOTE: 4-connected regions join only through a shared edge; polygons meeting at a corner
-        # point are different regions (the boundaries' intersection is a line, dimension 1).
-        shares_edge = shapely.relate_pattern(geometries[left], geometries[right], "****1****")
-        for i, j in zip(left[shares_edge], right[shares_edge]):
-            link(int(i), int(j))
+
+    def connect(before: np.ndarray, after: np.ndarray) -> None:
+        """Link the owners of the pixels facing each other across one border line."""
+        both = (before >= 0) & (after >= 0)
+        if both.any():
+            pairs = np.unique(np.stack([before[both], after[both]], axis=1), axis=0)
+            for i, j in pairs[values[pairs[:, 0]] == values[pairs[:, 1]]]:
+                link(int(i), int(j))
+
+    # Vertical borders inside this block row: pixels left and right of x = c, rows row_off...
+    lefts: dict[int, np.ndarray] = {}
+    rights: dict[int, np.ndarray] = {}
+    for i in range(first_new, len(items)):
+        part = items[i]
+        x0, x1 = part.window.col_off, part.window.col_off + part.window.width
+        for lo, hi in part.right:
+            lefts.setdefault(x1, np.full(rows, -1))[lo - row_off : hi - row_off] = i
+        for lo, hi in part.left:
+            rights.setdefault(x0, np.full(rows, -1))[lo - row_off : hi - row_off] = i
+    for line, before in lefts.items():
+        if line in rights:
+            connect(before, rights[line])
+    # The horizontal border y = row_off: open parts above, new parts below.
+    above, below = np.full(width, -1), np.full(width, -1)
+    for i in range(first_new):
+        for lo, hi in items[i].bottom:
+            above[lo:hi] = i
+    for i in range(first_new, len(items)):
+        for lo, hi in items[i].top:
+            below[lo:hi] = i
+    connect(above, below)
 
     groups: dict[int, list[int]] = {}
     for i in range(len(items)):
@@ -193,10 +265,10 @@ def _join(
     finished: list[_Region] = []
     still_open: list[_Region] = []
     for members in groups.values():
-        old = {owners[i] for i in members if i < first_new}
+        old = sorted({owners[i] for i in members if i < first_new})
         new_parts = [items[i] for i in members if i >= first_new]
-        parts = [part for o in sorted(old) for part in open_regions[o].parts] + new_parts
-        frontier = [p for p in new_parts if p.bounds[3] == row_end] if row_end < height else []
+        parts = [polygon for o in old for polygon in open_regions[o].parts] + [p.polygon for p in new_parts]
+        frontier = [p for p in new_parts if p.bottom]
         region = _Region(int(values[members[0]]), parts, frontier)
         (still_open if frontier else finished).append(region)
     return finished, still_open
@@ -236,7 +308,12 @@ def vectorize_raster(
     names = {c.id: c.name for c in classes}
     with rasterio.open(src) as ds:
         crs, transform = ds.crs, ds.transform
-    to_map = [transform.a, transform.b, transform.d, transform.e, transform.xoff, transform.yoff]
+    matrix = np.array([[transform.a, transform.b], [transform.d, transform.e]])
+    offset = np.array([transform.xoff, transform.yoff])
+
+    def to_map(xy: np.ndarray) -> np.ndarray:  # (n, 2) column, row -> (n, 2) x, y
+        return xy @ matrix.T + offset
+
     pixel_area = abs(transform.determinant)
     metres = _metres_per_unit(crs)
     schema: dict[str, Any] = {
@@ -248,28 +325,30 @@ def vectorize_raster(
     kept = dropped = 0
 
     def large_enough() -> Iterator[tuple[int, Any]]:
-        """Regions at or above the minimum area, in map coordinates."""
+        """Regions at or above the minimum area (pixel coordinates)."""
         nonlocal kept, dropped
         for value, polygon in iter_regions(src, block_px):
             if polygon.area * pixel_area < min_area:
                 dropped += 1
                 continue
             kept += 1
-            yield value, shapely.affinity.affine_transform(polygon, to_map)
+            yield value, polygon
 
-    regions = _simplified(large_enough(), simplify, shapely) if simplify > 0 else large_enough()
-    records = (_record(value, names, polygon, metres, crs) for value, polygon in regions)
+    def in_map_units(regions: Iterator[tuple[int, Any]]) -> Iterator[list[tuple[int, Any]]]:
+        """Batches of regions with map coordinates (transformed an array at a time)."""
+        while batch := list(itertools.islice(regions, WRITE_BATCH)):
+            polygons = shapely.transform(np.array([p for _, p in batch], dtype=object), to_map)
+            yield [(value, polygon) for (value, _), polygon in zip(batch, polygons)]
+
+    batches = in_map_units(large_enough())
+    if simplify > 0:
+        batches = iter([_simplified([region for batch in batches for region in batch], simplify, shapely)])
     tmp = dst.with_name(f".{dst.stem}{TMP_MARKER}{os.getpid()}{dst.suffix}")
     fiona_crs = fiona.crs.CRS.from_wkt(crs.to_wkt()) if crs is not None else None
     try:
         with fiona.open(tmp, "w", driver=driver, schema=schema, crs=fiona_crs, layer=dst.stem) as out:
-            batch: list[dict[str, Any]] = []
-            for record in records:
-                batch.append(record)
-                if len(batch) == WRITE_BATCH:
-                    out.writerecords(batch)
-                    batch = []
-            out.writerecords(batch)
+            for batch in batches:
+                out.writerecords([_record(value, names, polygon, metres, crs) for value, polygon in batch])
         os.replace(tmp, dst)
     except BaseException as err:
         tmp.unlink(missing_ok=True)
@@ -280,18 +359,12 @@ def vectorize_raster(
     return VectorResult(dst, kept, dropped)
 
 
-def _simplified(regions: Iterator[tuple[int, Any]], tolerance: float, shapely: Any) -> Iterator[tuple[int, Any]]:
-    """Coverage-simplify all regions together; every polygon is held until the last is read."""
-    values, polygons = [], []
-    for value, polygon in regions:
-        values.append(value)
-        polygons.append(polygon)
-    if not polygons:
-        return
-    simplified = shapely.coverage_simplify(np.array(polygons, dtype=object), tolerance)
-    for value, polygon in zip(values, simplified):
-        if not polygon.is_empty:
-            yield value, polygon
+def _simplified(regions: list[tuple[int, Any]], tolerance: float, shapely: Any) -> list[tuple[int, Any]]:
+    """Coverage-simplify all regions together (so every polygon is held until the last is made)."""
+    if not regions:
+        return []
+    simplified = shapely.coverage_simplify(np.array([p for _, p in regions], dtype=object), tolerance)
+    return [(value, polygon) for (value, _), polygon in zip(regions, simplified) if not polygon.is_empty]
 
 
 def _record(value: int, names: dict[int, str], geometry: Any, metres: float, crs: Any) -> dict[str, Any]:
@@ -303,7 +376,16 @@ def _record(value: int, names: dict[int, str], geometry: Any, metres: float, crs
     }
     if metres != 1.0:
         properties["area_m2"] = _area_m2(geometry, metres, crs)
-    return {"geometry": geometry.__geo_interface__, "properties": properties}
+    return {"geometry": _geojson(geometry), "properties": properties}
+
+
+def _geojson(polygon: Any) -> dict[str, Any]:
+    """GeoJSON mapping of a polygon; ``ndarray.tolist`` per ring is several times faster than
+    ``__geo_interface__``'s point-by-point iteration."""
+    import shapely
+
+    rings = [polygon.exterior, *polygon.interiors]
+    return {"type": "Polygon", "coordinates": [shapely.get_coordinates(ring).tolist() for ring in rings]}
 
 
 def _metres_per_unit(crs: Any) -> float:
@@ -320,5 +402,5 @@ def _area_m2(geometry: Any, metres: float, crs: Any) -> float:
         return float(geometry.area) * metres * metres
     from shapely.geometry import shape
 
-    equal_area = rasterio.warp.transform_geom(crs, EQUAL_AREA_CRS, geometry.__geo_interface__)
+    equal_area = rasterio.warp.transform_geom(crs, EQUAL_AREA_CRS, _geojson(geometry))
     return float(shape(equal_area).area)

@@ -1,0 +1,143 @@
+"""Cost of the outputs derived from the class raster: polygons, HTML report, STAC Item.
+
+Prints figures; asserts nothing. Run from the repository root:
+
+    python bench/bench_derived.py                        # 2048 px scene for overheads, 8192 px for RSS
+    python bench/bench_derived.py --scene-px 2048 --rss-px 4096 --repeat 2
+
+(a) overhead over a plain predict: ``geoseg predict`` in a subprocess on a real scene (mosaics of
+    the shared Zion Landsat 8 scene, bench/scenes.py), plain and with each of --vector,
+    --vector --simplify, --report, --stac, then all together; the overhead is the difference of
+    wall clocks (best of ``--repeat``), so it is as noisy as the predict itself;
+(b) the same outputs timed alone on that class map, in this process (no predict noise);
+(c) peak RSS (``os.wait4`` on the child) of a predict with all outputs on the big scene, and of
+    vectorising its class map alone in a child process, with the polygon count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # this checkout's geoseg
+from bench_predict import cpu_name  # noqa: E402
+from scenes import OUT, ROOT, build_mosaic  # noqa: E402
+
+from geoseg.io import open_scene  # noqa: E402
+from geoseg.modelfile import load_model  # noqa: E402
+from geoseg.pipeline import default_model_path  # noqa: E402
+
+
+def run(cmd: list[str]) -> tuple[float, float]:
+    """Run a child process from the repository root; returns (wall seconds, peak RSS in MiB)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    if status != 0:
+        raise SystemExit(f"failed (status {status}): {' '.join(cmd)}")
+    return wall, usage.ru_maxrss / 1024
+
+
+def predict_cmd(scene: Path, model: Path, stem: str, extra: list[str]) -> list[str]:
+    out = OUT / f"{stem}.tif"
+    return [sys.executable, "-m", "geoseg", "predict", str(scene), str(out), "--model", str(model),
+            "-q", "--overwrite", *extra]
+
+
+def output_args(stem: str, which: str, simplify: float) -> list[str]:
+    vector = ["--vector", str(OUT / f"{stem}.gpkg")]
+    report = ["--report", str(OUT / f"{stem}_report")]
+    stac = ["--stac", str(OUT / f"{stem}.json")]
+    return {
+        "plain": [],
+        "vector": vector,
+        "vector+simplify": [*vector, "--simplify", str(simplify)],
+        "report": report,
+        "stac": stac,
+        "all": [*vector, "--simplify", str(simplify), *report, *stac],
+    }[which]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, help="model file [bundled default]")
+    parser.add_argument("--scene-px", type=int, default=2048, help="edge of the square scene for the overheads")
+    parser.add_argument("--rss-px", type=int, default=8192, help="edge of the scene for peak RSS (0 to skip)")
+    parser.add_argument("--simplify", type=float, default=45.0, help="--simplify tolerance, map units")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per variant in (a); the best is kept")
+    args = parser.parse_args()
+
+    model_path = args.model or default_model_path()
+    model = load_model(model_path)
+    print(f"machine: {cpu_name()}, {os.cpu_count()} cores (shared with other jobs while measuring)")
+    print(f"model: {model.metadata.name}, {model_path.name}")
+
+    scene = build_mosaic(args.scene_px)
+    stem = f"derived_{args.scene_px}"
+    import geoseg
+
+    assert Path(geoseg.__file__).resolve().parents[1] == ROOT, geoseg.__file__
+    print(f"(a) geoseg predict on {scene.name} ({args.scene_px}x{args.scene_px}), best of {args.repeat}:")
+    walls = {}
+    for which in ("plain", "vector", "vector+simplify", "report", "stac", "all"):
+        walls[which] = min(
+            run(predict_cmd(scene, model_path, stem, output_args(stem, which, args.simplify)))[0]
+            for _ in range(args.repeat)
+        )
+        extra = "" if which == "plain" else f"   overhead {walls[which] - walls['plain']:+6.2f} s " \
+            f"({100 * (walls[which] / walls['plain'] - 1):+5.1f} %)"
+        print(f"    {which:16s} {walls[which]:7.2f} s{extra}")
+
+    from geoseg.report import write_report
+    from geoseg.stac import build_item, write_item
+    from geoseg.vectorize import vectorize_raster
+
+    class_raster = OUT / f"{stem}.tif"
+    checked = open_scene(scene, model.metadata)
+    classes = model.metadata.classes
+    print(f"(b) each output alone on the class map {class_raster.name}:")
+    timings = [
+        ("vector", lambda: vectorize_raster(class_raster, OUT / "alone.gpkg", classes)),
+        ("vector+simplify", lambda: vectorize_raster(class_raster, OUT / "alone_s.gpkg", classes,
+                                                     simplify=args.simplify)),
+        ("vector geojson", lambda: vectorize_raster(class_raster, OUT / "alone.geojson", classes)),
+        ("report", lambda: write_report(OUT / "alone_report", class_raster, checked, model.metadata,
+                                        overwrite=True)),
+        ("stac", lambda: write_item(build_item(class_raster, classes, item_path=OUT / "alone.json"),
+                                    OUT / "alone.json")),
+    ]
+    for name, job in timings:
+        for path in (OUT / "alone.gpkg", OUT / "alone_s.gpkg", OUT / "alone.geojson"):
+            path.unlink(missing_ok=True)
+        start = time.perf_counter()
+        result = job()
+        seconds = time.perf_counter() - start
+        count = f"   {result.polygons} polygons" if hasattr(result, "polygons") else ""
+        print(f"    {name:16s} {seconds:7.2f} s{count}")
+
+    if args.rss_px:
+        big = build_mosaic(args.rss_px)
+        big_stem = f"derived_{args.rss_px}"
+        print(f"(c) peak RSS on {big.name} ({args.rss_px}x{args.rss_px} = {args.rss_px ** 2 / 1e6:.0f} MP):")
+        wall, peak = run(predict_cmd(big, model_path, big_stem, output_args(big_stem, "all", args.simplify)))
+        print(f"    predict + all outputs     {peak:8.1f} MiB   ({wall:.1f} s)")
+        big_map = OUT / f"{big_stem}.tif"
+        for label, simplify in (("vectorise alone", 0.0), ("vectorise + simplify", args.simplify)):
+            code = (
+                "import sys; from geoseg.modelfile import load_model; from geoseg.vectorize import vectorize_raster;"
+                f"m = load_model(sys.argv[1]); r = vectorize_raster(sys.argv[2], sys.argv[3], m.metadata.classes,"
+                f" simplify={simplify}); print(f'    ({{r.polygons}} polygons)')"
+            )
+            out = OUT / f"{big_stem}_alone_{int(simplify)}.gpkg"
+            out.unlink(missing_ok=True)
+            wall, peak = run([sys.executable, "-c", code, str(model_path), str(big_map), str(out)])
+            print(f"    {label:25s} {peak:8.1f} MiB   ({wall:.1f} s)")
+
+
+if __name__ == "__main__":
+    main()
