@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # this checkout's geoseg
 from bench_predict import cpu_name  # noqa: E402
@@ -70,6 +71,7 @@ def main() -> None:
     parser.add_argument("--rss-px", type=int, default=8192, help="edge of the scene for peak RSS (0 to skip)")
     parser.add_argument("--simplify", type=float, default=45.0, help="--simplify tolerance, map units")
     parser.add_argument("--repeat", type=int, default=1, help="runs per variant in (a); the best is kept")
+    parser.add_argument("--parts", default="abc", help="which of (a), (b), (c) to run, e.g. 'bc'")
     args = parser.parse_args()
 
     model_path = args.model or default_model_path()
@@ -93,6 +95,9 @@ def main() -> None:
             f"({100 * (walls[which] / walls['plain'] - 1):+5.1f} %)"
         print(f"    {which:16s} {walls[which]:7.2f} s{extra}")
 
+
+
+def alone(scene: Path, model: Any, stem: str, args: argparse.Namespace) -> None:
     from geoseg.report import write_report
     from geoseg.stac import build_item, write_item
     from geoseg.vectorize import vectorize_raster
@@ -120,23 +125,34 @@ def main() -> None:
         count = f"   {result.polygons} polygons" if hasattr(result, "polygons") else ""
         print(f"    {name:16s} {seconds:7.2f} s{count}")
 
-    if args.rss_px:
-        big = build_mosaic(args.rss_px)
-        big_stem = f"derived_{args.rss_px}"
-        print(f"(c) peak RSS on {big.name} ({args.rss_px}x{args.rss_px} = {args.rss_px ** 2 / 1e6:.0f} MP):")
-        wall, peak = run(predict_cmd(big, model_path, big_stem, output_args(big_stem, "all", args.simplify)))
-        print(f"    predict + all outputs     {peak:8.1f} MiB   ({wall:.1f} s)")
-        big_map = OUT / f"{big_stem}.tif"
-        for label, simplify in (("vectorise alone", 0.0), ("vectorise + simplify", args.simplify)):
-            code = (
-                "import sys; from geoseg.modelfile import load_model; from geoseg.vectorize import vectorize_raster;"
-                f"m = load_model(sys.argv[1]); r = vectorize_raster(sys.argv[2], sys.argv[3], m.metadata.classes,"
-                f" simplify={simplify}); print(f'    ({{r.polygons}} polygons)')"
-            )
-            out = OUT / f"{big_stem}_alone_{int(simplify)}.gpkg"
-            out.unlink(missing_ok=True)
-            wall, peak = run([sys.executable, "-c", code, str(model_path), str(big_map), str(out)])
-            print(f"    {label:25s} {peak:8.1f} MiB   ({wall:.1f} s)")
+
+
+def peak_rss(model_path: Path, args: argparse.Namespace) -> None:
+    big = build_mosaic(args.rss_px)
+    big_stem = f"derived_{args.rss_px}"
+    print(f"(c) peak RSS on {big.name} ({args.rss_px}x{args.rss_px} = {args.rss_px ** 2 / 1e6:.0f} MP):")
+    # (a plain predict's peak is bench/bench_predict.py's figure)
+    for label, which in (("predict + all, --simplify", "all"), ("predict + all, no simplify", "all-exact")):
+        extra = output_args(big_stem, "all", args.simplify)
+        if which == "all-exact":
+            extra = [a for a in extra if a not in ("--simplify", str(args.simplify))]
+        wall, peak = run(predict_cmd(big, model_path, big_stem, extra))
+        print(f"    {label:28s} {peak:8.1f} MiB   ({wall:.1f} s)")
+    big_map = OUT / f"{big_stem}.tif"
+    # A child that imports no torch (read_metadata reads the model file's header only).
+    for label, simplify in (("vectorise alone", 0.0), ("vectorise alone, --simplify", args.simplify)):
+        code = (
+            "import sys; from geoseg.modelfile import read_metadata; from geoseg.vectorize import vectorize_raster;"
+            f"m = read_metadata(sys.argv[1]); r = vectorize_raster(sys.argv[2], sys.argv[3], m.classes,"
+            f" simplify={simplify}); print(f'    ({{r.polygons}} polygons)')"
+        )
+        out = OUT / f"{big_stem}_alone_{int(simplify)}.gpkg"
+        out.unlink(missing_ok=True)
+        wall, peak = run([sys.executable, "-c", code, str(model_path), str(big_map), str(out)])
+        print(f"    {label:28s} {peak:8.1f} MiB   ({wall:.1f} s)")
+    code = "import sys, geoseg.vectorize, geoseg.modelfile"
+    wall, peak = run([sys.executable, "-c", code])
+    print(f"    (imports alone: {peak:.1f} MiB)")
 
 
 if __name__ == "__main__":
