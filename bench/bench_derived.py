@@ -79,11 +79,20 @@ def main() -> None:
     print(f"machine: {cpu_name()}, {os.cpu_count()} cores (shared with other jobs while measuring)")
     print(f"model: {model.metadata.name}, {model_path.name}")
 
-    scene = build_mosaic(args.scene_px)
-    stem = f"derived_{args.scene_px}"
     import geoseg
 
     assert Path(geoseg.__file__).resolve().parents[1] == ROOT, geoseg.__file__
+    scene = build_mosaic(args.scene_px)
+    stem = f"derived_{args.scene_px}"
+    if "a" in args.parts or not (OUT / f"{stem}.tif").exists():
+        overheads(scene, model_path, stem, args)
+    if "b" in args.parts:
+        alone(scene, model, stem, args)
+    if "c" in args.parts and args.rss_px:
+        peak_rss(model_path, args)
+
+
+def overheads(scene: Path, model_path: Path, stem: str, args: argparse.Namespace) -> None:
     print(f"(a) geoseg predict on {scene.name} ({args.scene_px}x{args.scene_px}), best of {args.repeat}:")
     walls = {}
     for which in ("plain", "vector", "vector+simplify", "report", "stac", "all"):
@@ -94,7 +103,6 @@ def main() -> None:
         extra = "" if which == "plain" else f"   overhead {walls[which] - walls['plain']:+6.2f} s " \
             f"({100 * (walls[which] / walls['plain'] - 1):+5.1f} %)"
         print(f"    {which:16s} {walls[which]:7.2f} s{extra}")
-
 
 
 def alone(scene: Path, model: Any, stem: str, args: argparse.Namespace) -> None:
@@ -123,8 +131,7 @@ def alone(scene: Path, model: Any, stem: str, args: argparse.Namespace) -> None:
         result = job()
         seconds = time.perf_counter() - start
         count = f"   {result.polygons} polygons" if hasattr(result, "polygons") else ""
-        print(f"    {name:16s} {seconds:7.2f} s{count}")
-
+        print(f"    {name:16s} {seconds:7.3f} s{count}")
 
 
 def peak_rss(model_path: Path, args: argparse.Namespace) -> None:
