@@ -25,29 +25,43 @@ from pathlib import Path
 from typing import Any
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # this checkout's geoseg
-from bench_predict import cpu_name  # noqa: E402
 from scenes import OUT, ROOT, build_mosaic  # noqa: E402
 
-from geoseg.io import open_scene  # noqa: E402
-from geoseg.modelfile import load_model  # noqa: E402
-from geoseg.pipeline import default_model_path  # noqa: E402
+# NOTE: torch is imported inside main() only: a measured child runs this module without it.
 
 
-def run(cmd: list[str]) -> tuple[float, float]:
-    """Run a child process from the repository root; returns (wall seconds, peak RSS in MiB)."""
+# NOTE: os.wait4's ru_maxrss for a child counts the parent's RSS at the fork (Linux keeps the
+# high-water mark of the memory the child had before exec), and this parent holds torch and a
+# model: a child doing nothing "peaked" at 461 MiB. The child's own VmHWM (/proc, per address
+# space, so reset by exec) is read instead, just before it exits.
+PEAK_WRAPPER = """
+import os, runpy, sys
+try:
+    runpy.run_module(sys.argv.pop(1), run_name="__main__", alter_sys=True)
+finally:
+    with open("/proc/self/status") as status:
+        peak_kib = next(line.split()[1] for line in status if line.startswith("VmHWM"))
+    with open(os.environ["GEOSEG_BENCH_PEAK"], "w") as out:
+        out.write(peak_kib)
+"""
+
+
+def run(module_args: list[str]) -> tuple[float, float]:
+    """Run ``python -m MODULE ARGS`` from the repository root; returns (wall seconds, peak RSS in MiB)."""
+    peak_file = OUT / "peak_kib.txt"
+    peak_file.unlink(missing_ok=True)
+    cmd = [sys.executable, "-c", PEAK_WRAPPER, *module_args]
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT)
-    _, status, usage = os.wait4(proc.pid, 0)
+    status = subprocess.run(cmd, cwd=ROOT, env=os.environ | {"GEOSEG_BENCH_PEAK": str(peak_file)}).returncode
     wall = time.perf_counter() - start
     if status != 0:
-        raise SystemExit(f"failed (status {status}): {' '.join(cmd)}")
-    return wall, usage.ru_maxrss / 1024
+        raise SystemExit(f"failed (status {status}): {' '.join(module_args)}")
+    return wall, int(peak_file.read_text()) / 1024
 
 
 def predict_cmd(scene: Path, model: Path, stem: str, extra: list[str]) -> list[str]:
     out = OUT / f"{stem}.tif"
-    return [sys.executable, "-m", "geoseg", "predict", str(scene), str(out), "--model", str(model),
-            "-q", "--overwrite", *extra]
+    return ["geoseg", "predict", str(scene), str(out), "--model", str(model), "-q", "--overwrite", *extra]
 
 
 def output_args(stem: str, which: str, simplify: float) -> list[str]:
@@ -73,6 +87,11 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1, help="runs per variant in (a); the best is kept")
     parser.add_argument("--parts", default="abc", help="which of (a), (b), (c) to run, e.g. 'bc'")
     args = parser.parse_args()
+
+    from bench_predict import cpu_name
+
+    from geoseg.modelfile import load_model
+    from geoseg.pipeline import default_model_path
 
     model_path = args.model or default_model_path()
     model = load_model(model_path)
@@ -106,6 +125,7 @@ def overheads(scene: Path, model_path: Path, stem: str, args: argparse.Namespace
 
 
 def alone(scene: Path, model: Any, stem: str, args: argparse.Namespace) -> None:
+    from geoseg.io import open_scene
     from geoseg.report import write_report
     from geoseg.stac import build_item, write_item
     from geoseg.vectorize import vectorize_raster
@@ -146,21 +166,32 @@ def peak_rss(model_path: Path, args: argparse.Namespace) -> None:
         wall, peak = run(predict_cmd(big, model_path, big_stem, extra))
         print(f"    {label:28s} {peak:8.1f} MiB   ({wall:.1f} s)")
     big_map = OUT / f"{big_stem}.tif"
-    # A child that imports no torch (read_metadata reads the model file's header only).
+    # Vectorising alone, in a child that imports no torch (this script run as a module, below).
     for label, simplify in (("vectorise alone", 0.0), ("vectorise alone, --simplify", args.simplify)):
-        code = (
-            "import sys; from geoseg.modelfile import read_metadata; from geoseg.vectorize import vectorize_raster;"
-            f"m = read_metadata(sys.argv[1]); r = vectorize_raster(sys.argv[2], sys.argv[3], m.classes,"
-            f" simplify={simplify}); print(f'    ({{r.polygons}} polygons)')"
-        )
         out = OUT / f"{big_stem}_alone_{int(simplify)}.gpkg"
         out.unlink(missing_ok=True)
-        wall, peak = run([sys.executable, "-c", code, str(model_path), str(big_map), str(out)])
+        wall, peak = run(["bench.bench_derived", "vectorise", str(model_path), str(big_map), str(out), str(simplify)])
         print(f"    {label:28s} {peak:8.1f} MiB   ({wall:.1f} s)")
-    code = "import sys, geoseg.vectorize, geoseg.modelfile"
-    wall, peak = run([sys.executable, "-c", code])
-    print(f"    (imports alone: {peak:.1f} MiB)")
+    wall, peak = run(["bench.bench_derived", "imports"])
+    print(f"    (python, numpy, rasterio, shapely, fiona imported, nothing done: {peak:.1f} MiB)")
+
+
+def child(task: str, *args: str) -> None:
+    """What a measured child process runs: vectorise a class map, or only import what that needs."""
+    import fiona  # noqa: F401
+    import shapely  # noqa: F401
+
+    from geoseg.modelfile import read_metadata  # the model file's header only: no torch
+    from geoseg.vectorize import vectorize_raster
+
+    if task == "vectorise":
+        model, src, dst, simplify = args
+        result = vectorize_raster(src, dst, read_metadata(model).classes, simplify=float(simplify))
+        print(f"    ({result.polygons} polygons)")
 
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) > 1 and sys.argv[1] in ("vectorise", "imports"):
+        child(*sys.argv[1:])
+    else:
+        main()
