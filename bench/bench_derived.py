@@ -166,11 +166,11 @@ def peak_rss(model_path: Path, args: argparse.Namespace) -> None:
         wall, peak = run(predict_cmd(big, model_path, big_stem, extra))
         print(f"    {label:28s} {peak:8.1f} MiB   ({wall:.1f} s)")
     big_map = OUT / f"{big_stem}.tif"
-    # Vectorising alone, in a child that imports no torch (this script run as a module, below).
+    # Vectorising alone, in a child that imports no torch (this script run as a module, see child()).
     for label, simplify in (("vectorise alone", 0.0), ("vectorise alone, --simplify", args.simplify)):
         out = OUT / f"{big_stem}_alone_{int(simplify)}.gpkg"
         out.unlink(missing_ok=True)
-        wall, peak = run(["bench.bench_derived", "vectorise", str(model_path), str(big_map), str(out), str(simplify)])
+        wall, peak = run(["bench.bench_derived", "vectorise", str(big_map), str(out), str(simplify)])
         print(f"    {label:28s} {peak:8.1f} MiB   ({wall:.1f} s)")
     wall, peak = run(["bench.bench_derived", "imports"])
     print(f"    (python, numpy, rasterio, shapely, fiona imported, nothing done: {peak:.1f} MiB)")
@@ -179,14 +179,19 @@ def peak_rss(model_path: Path, args: argparse.Namespace) -> None:
 def child(task: str, *args: str) -> None:
     """What a measured child process runs: vectorise a class map, or only import what that needs."""
     import fiona  # noqa: F401
+    import rasterio
     import shapely  # noqa: F401
 
-    from geoseg.modelfile import read_metadata  # the model file's header only: no torch
+    from geoseg.modelfile import ClassSpec
     from geoseg.vectorize import vectorize_raster
 
     if task == "vectorise":
-        model, src, dst, simplify = args
-        result = vectorize_raster(src, dst, read_metadata(model).classes, simplify=float(simplify))
+        src, dst, simplify = args
+        # Class names from the raster's CLASS_<id> tags: geoseg.modelfile.read_metadata would import torch.
+        with rasterio.open(src) as ds:
+            tags = ds.tags()
+        classes = [ClassSpec(int(key[6:]), name, "#000000") for key, name in tags.items() if key.startswith("CLASS_")]
+        result = vectorize_raster(src, dst, classes, simplify=float(simplify))
         print(f"    ({result.polygons} polygons)")
 
 
