@@ -132,27 +132,75 @@ def _predict_config(config_file: str | None, flags: dict[str, Any]) -> Any:
     return build_config(file_settings, **flags)
 
 
+_OUTPUT_FIELDS = ("probabilities", "probabilities_dtype", "confidence", "stats", "aoi",
+                  "vector", "vector_simplify", "vector_min_area", "report", "stac")
+
+
+def _output_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Extra outputs besides the class raster (geoseg.outputs.OutputOptions), for ``predict`` and ``batch``."""
+    options = [
+        click.option("--probabilities", type=click.Path(dir_okay=False),
+                     help="Also write FILE: one band per class, its probability (see --probabilities-dtype)."),
+        click.option("--probabilities-dtype", type=click.Choice(get_args(ProbabilityDtype)), default="uint8",
+                     show_default=True,
+                     help="uint8: probability x 255 (masked where invalid); float32: nodata NaN."),
+        click.option("--confidence", type=click.Path(dir_okay=False),
+                     help="Also write FILE: the top-class probability alone (uint8 nodata 0, or float32)."),
+        click.option("--stats", type=click.Path(dir_okay=False),
+                     help="Also write per-class pixel counts, areas (m2, ha) and percentages: FILE.json or FILE.csv."),
+        click.option("--aoi", help="Area of interest: a vector file GDAL reads, or GeoJSON text. Only tiles "
+                     "touching it are predicted; pixels outside it are nodata."),
+        click.option("--vector", "vector", type=click.Path(dir_okay=False),
+                     help="Also write one polygon per class region: FILE.gpkg (GeoPackage) or FILE.geojson."),
+        click.option("--simplify", "vector_simplify", type=click.FloatRange(min=0), default=0.0,
+                     help="Polygon simplification tolerance in map units, shared edges kept [0: exact pixel edges]."),
+        click.option("--min-area", "vector_min_area", type=click.FloatRange(min=0), default=0.0,
+                     help="Drop polygons smaller than this, in square map units [0: keep all]."),
+        click.option("--report", "report", type=click.Path(file_okay=False),
+                     help="Also write a static HTML report to this folder (quicklooks, legend, area table)."),
+        click.option("--stac", "stac", type=click.Path(dir_okay=False),
+                     help="Also write a STAC Item (JSON) describing DST."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _pop_outputs(flags: dict[str, Any]) -> dict[str, Any]:
+    """Take the extra-output options out of ``flags`` (the rest are PredictConfig settings)."""
+    chosen = {name: flags.pop(name) for name in _OUTPUT_FIELDS}
+    if (chosen["vector_simplify"] or chosen["vector_min_area"]) and chosen["vector"] is None:
+        raise click.UsageError("--simplify and --min-area apply to --vector; give --vector FILE too")
+    return chosen
+
+
+def _output_paths(chosen: dict[str, Any], name: Callable[[str], str] = str) -> Any:
+    """OutputOptions from the chosen options; ``name`` turns each given file name into a path."""
+    from pathlib import Path
+
+    from .outputs import OutputOptions
+
+    paths = {k: Path(name(v)) for k, v in chosen.items()
+             if k in ("probabilities", "confidence", "stats", "vector", "report", "stac") and v}
+    return OutputOptions(
+        **paths,
+        probabilities_dtype=chosen["probabilities_dtype"],
+        vector_simplify=chosen["vector_simplify"],
+        vector_min_area=chosen["vector_min_area"],
+        aoi=chosen["aoi"],
+    )
+
+
 @main.command()
 @click.argument("paths", nargs=-1, metavar="SRC DST")
 @_predict_options
+@_output_options
 @click.option("--band-files", multiple=True, help="Files stacked band after band in model band order, "
               "repeatable or comma-separated; give DST alone.")
-@click.option("--probabilities", type=click.Path(dir_okay=False),
-              help="Also write FILE: one band per class, its probability (see --probabilities-dtype).")
-@click.option("--probabilities-dtype", type=click.Choice(get_args(ProbabilityDtype)), default="uint8",
-              show_default=True, help="uint8: probability x 255 (masked where invalid); float32: nodata NaN.")
-@click.option("--confidence", type=click.Path(dir_okay=False),
-              help="Also write FILE: the top-class probability alone (uint8 nodata 0, or float32).")
-@click.option("--stats", type=click.Path(dir_okay=False),
-              help="Also write per-class pixel counts, areas (m2, ha) and percentages: FILE.json or FILE.csv.")
-@click.option("--aoi", help="Area of interest: a vector file GDAL reads, or GeoJSON text. Only tiles "
-              "touching it are predicted; pixels outside it are nodata.")
-@click.option("--overwrite", is_flag=True, help="Replace DST if it exists.")
+@click.option("--overwrite", is_flag=True, help="Replace DST (and the other outputs) if they exist.")
 @_verbosity_options
 def predict(paths: tuple[str, ...], config_file: str | None, overwrite: bool, verbose: int, quiet: bool,
-            band_files: tuple[str, ...], resample: str | None, assets: str | None, probabilities: str | None,
-            probabilities_dtype: str, confidence: str | None, stats: str | None, aoi: str | None,
-            **flags: Any) -> None:
+            band_files: tuple[str, ...], resample: str | None, assets: str | None, **flags: Any) -> None:
     """Predict a land-cover GeoTIFF from a multispectral scene.
 
     SRC is a GDAL path or a URI: a local file, https:// or s3:// (read in windows, never
@@ -174,6 +222,8 @@ def predict(paths: tuple[str, ...], config_file: str | None, overwrite: bool, ve
       geoseg predict scene.tif out.tif --crf --config configs/predict-crf.yaml
       geoseg predict scene.tif out.tif --cog --probabilities probs.tif --stats areas.csv
       geoseg predict scene.tif out.tif --aoi park.gpkg --confidence confidence.tif
+      geoseg predict scene.tif out.tif --vector out.gpkg --simplify 15 --min-area 3600
+      geoseg predict scene.tif out.tif --report report/ --stac out.json
     """
     _configure_logging(verbose, quiet)
     if band_files:
@@ -185,20 +235,12 @@ def predict(paths: tuple[str, ...], config_file: str | None, overwrite: bool, ve
     else:
         src = paths[0]
     dst = paths[-1]
+    chosen_outputs = _pop_outputs(flags)
     with _user_errors(quiet):
-        from pathlib import Path
-
-        from .outputs import OutputOptions
         from .sources import parse_assets
 
         config = _predict_config(config_file, flags)
-        outputs = OutputOptions(
-            probabilities=Path(probabilities) if probabilities else None,
-            probabilities_dtype=probabilities_dtype,  # type: ignore[arg-type]
-            confidence=Path(confidence) if confidence else None,
-            stats=Path(stats) if stats else None,
-            aoi=aoi,
-        )
+        outputs = _output_paths(chosen_outputs)
 
         from .pipeline import predict_scene
 

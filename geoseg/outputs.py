@@ -61,31 +61,35 @@ class OutputOptions:
                 if p is not None]
 
 
-def check_streamed_destinations(
-    sources: Sequence[str], dst: str | os.PathLike[str], outputs: OutputOptions, overwrite: bool
-) -> None:
-    """Refuse probability, confidence and statistics files that cannot or must not be written.
-
-    Checked before any work starts, like the class raster itself (:func:`geoseg.io.check_destination`):
-    not an input, folder present, not existing without ``overwrite``; no two outputs on one
-    file; statistics named ``.json`` or ``.csv``.
+def check_output_destinations(outputs: OutputOptions, dst: Path, sources: Sequence[str], overwrite: bool) -> None:
+    """Refuse extra outputs that cannot or must not be written, before any work starts.
 
     Raises:
-        OutputError: The message names the file and the problem.
+        OutputError: An output is the class raster, an input or another output; its folder is
+            missing; it exists without ``overwrite``; a polygon or statistics file's extension
+            is unknown.
     """
     from .io import check_destination
     from .stats import stats_format
 
-    for path in (outputs.probabilities, outputs.confidence, outputs.stats):
-        if path is None:
+    seen = {os.path.abspath(dst): "the class raster"}
+    for path in outputs.files():
+        if os.path.abspath(path) in seen:
+            raise OutputError(f"{path}: also given as {seen[os.path.abspath(path)]}; choose another name")
+        seen[os.path.abspath(path)] = str(path)
+        if path == outputs.report:
+            if not path.parent.is_dir():
+                raise OutputError(f"{path}: folder {path.parent} does not exist")
+            if path.exists() and not path.is_dir():
+                raise OutputError(f"{path}: exists and is not a folder; the report is a folder")
+            if path.exists() and not overwrite:
+                raise OutputError(f"{path}: already exists (use --overwrite to replace it)")
             continue
         for src in sources:
             check_destination(src, path, overwrite)
     if outputs.stats is not None:
         stats_format(outputs.stats)
-    seen = {os.path.abspath(dst): "the class raster"}
-    for path in outputs.files():
-        key = os.path.abspath(path)
-        if key in seen:
-            raise OutputError(f"{path}: given for two outputs ({seen[key]} too); choose another file")
-        seen[key] = "another output"
+    if outputs.vector is not None:
+        from .vectorize import vector_driver
+
+        vector_driver(outputs.vector)

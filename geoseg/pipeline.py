@@ -33,7 +33,7 @@ from .errors import CheckpointError, ConfigError, NodataWarning
 from .inference import TileBatch, TilePredictor, resolve_device, resolve_precision
 from .io import LabelWriter, Scene, SceneReader, check_destination, open_scene, output_dtype
 from .modelfile import LoadedModel, ModelMetadata, load_model
-from .outputs import OutputOptions, check_streamed_destinations
+from .outputs import OutputOptions, check_output_destinations
 from .sources import Resampling, resolve_source
 from .stream import RowBlock, RowSink, RowStage, needs_probabilities, run_chain, softmax
 from .tiling import Tile, TileGrid, taper_2d
@@ -151,7 +151,7 @@ def predict_scene(
         scene = open_scene(source.path, model.metadata, config.bands, config.nodata, name=source.name)
         for path in source.files:
             dst_path = check_destination(path, dst, overwrite)
-        check_streamed_destinations(source.files, dst_path, outputs, overwrite)
+        check_output_destinations(outputs, dst_path, source.files, overwrite)
         aoi = load_aoi(outputs.aoi, scene) if outputs.aoi is not None else None
         grid = plan_grid(scene, model.metadata, config)
         if "GDAL_CACHEMAX" not in os.environ:
@@ -186,7 +186,7 @@ def predict_scene(
             for stage in stages:
                 stage.close()
             raise
-        finish_outputs(dst_path, scene, model, config, outputs, sinks)
+        finish_outputs(dst_path, scene, model, config, outputs, sinks, overwrite=overwrite)
     if predicted == 0:
         warnings.warn(f"{source.name}: no valid pixel; wrote an all-nodata output", NodataWarning, stacklevel=2)
     return PredictResult(
@@ -310,9 +310,49 @@ def build_sinks(
 
 
 def finish_outputs(
-    dst: Path, scene: Scene, model: LoadedModel, config: PredictConfig, outputs: OutputOptions, sinks: Sequence[RowSink]
+    dst: Path,
+    scene: Scene,
+    model: LoadedModel,
+    config: PredictConfig,
+    outputs: OutputOptions,
+    sinks: Sequence[RowSink],
+    *,
+    overwrite: bool = False,
 ) -> None:
-    """Outputs made from the finished class raster ``dst`` (polygons, report, STAC Item)."""
+    """Outputs made from the finished class raster ``dst`` (polygons, report, STAC Item).
+
+    Each is written under a temporary name and renamed when complete; one that fails leaves
+    the class raster and the outputs already finished in place.
+    """
+    meta = model.metadata
+    if outputs.vector is not None:
+        from .vectorize import vectorize_raster
+
+        result = vectorize_raster(
+            dst, outputs.vector, meta.classes, simplify=outputs.vector_simplify, min_area=outputs.vector_min_area
+        )
+        log.info("wrote %s: %d polygons", result.path, result.polygons)
+    if outputs.report is not None:
+        from .report import write_report
+
+        write_report(outputs.report, dst, scene, meta, model_sha256=model.sha256, overwrite=overwrite)
+        log.info("wrote %s/index.html", outputs.report)
+    if outputs.stac is not None:
+        from .stac import build_item, scene_datetime, scene_inputs, write_item
+
+        inputs = scene_inputs(scene)
+        item = build_item(
+            dst,
+            meta.classes,
+            item_path=outputs.stac,
+            inputs=inputs,
+            model_name=meta.name,
+            model_sha256=model.sha256,
+            model_file=model.path.name,
+            acquired=scene_datetime(scene, inputs),
+        )
+        write_item(item, outputs.stac)
+        log.info("wrote %s", outputs.stac)
 
 
 def _run(
