@@ -367,7 +367,7 @@ def test_cli_writes_every_output(tmp_path: Path, make_scene, tiny_model_file: Pa
         ("--probabilities", "exists.tif", "already exists (use --overwrite"),
         ("--confidence", "missing/c.tif", "does not exist"),
         ("--stats", "areas.txt", "statistics are written as .json or .csv"),
-        ("--probabilities", "classes.tif", "given for two outputs"),
+        ("--probabilities", "classes.tif", "also given as the class raster"),
         ("--confidence", "scene.tif", "destination is the input scene"),
     ],
 )
