@@ -20,6 +20,7 @@ from ._version import __version__
 from .batch import MAX_ATTEMPTS, attempts_file, died_message
 from .config import PredictConfig
 from .errors import CheckpointError, GeosegError
+from .outputs import OutputOptions
 
 if TYPE_CHECKING:
     from .modelfile import LoadedModel
@@ -45,6 +46,7 @@ class SceneJob:
     plugin: str
     resample: str | None = None
     assets: Mapping[str, str] | Sequence[str] | None = None
+    outputs: OutputOptions | None = None  # extra outputs, their names already filled in for this scene
 
 
 class ModelCache(WorkerPlugin):
@@ -149,6 +151,7 @@ def predict_task(job: SceneJob) -> SceneOutcome:
             overwrite=True,
             resample=job.resample,
             assets=job.assets,  # type: ignore[arg-type]
+            outputs=job.outputs,
         )
         return SceneOutcome(
             "done",

@@ -37,6 +37,7 @@ from ._version import __version__
 from .config import PredictConfig
 from .errors import ConfigError, DependencyNotFoundError, InputError, OutputError
 from .manifest import COMPLETE, MANIFEST_NAME, Manifest, SceneRecord
+from .outputs import OutputOptions
 
 if TYPE_CHECKING:
     from distributed import Client, Future
@@ -140,17 +141,39 @@ def settings_hash(
     config: PredictConfig,
     resample: str | None = None,
     assets: Mapping[str, str] | Sequence[str] | None = None,
+    outputs: OutputOptions | None = None,
 ) -> str:
-    """sha256 of the settings that change the output (the model is hashed separately).
+    """sha256 of the settings that change the outputs (the model is hashed separately).
 
     Fields that only change speed (:data:`SPEED_ONLY_FIELDS`) are left out, so re-running with more
-    threads or a bigger batch does not redo finished scenes.
+    threads or a bigger batch does not redo finished scenes. The extra outputs asked for count:
+    asking for statistics on a re-run redoes the scenes done without them.
     """
     settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in SPEED_ONLY_FIELDS}
     settings["resample"] = resample
     settings["assets"] = dict(assets) if isinstance(assets, Mapping) else (list(assets) if assets else None)
+    if outputs is not None and outputs != OutputOptions():
+        settings["outputs"] = dataclasses.asdict(outputs)
     text = json.dumps(settings, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def scene_outputs(outputs: OutputOptions, scene: str, out_dir: Path) -> OutputOptions:
+    """The extra outputs of one scene: each file name in ``outputs`` is a template like the output's.
+
+    Raises:
+        ConfigError: A template has an unknown field or leaves the out dir.
+    """
+    names = {
+        field: out_dir / output_name(scene, str(template))
+        for field, template in (
+            ("probabilities", outputs.probabilities), ("confidence", outputs.confidence),
+            ("stats", outputs.stats), ("vector", outputs.vector), ("report", outputs.report),
+            ("stac", outputs.stac),
+        )
+        if template is not None
+    }
+    return dataclasses.replace(outputs, **names)
 
 
 @dataclass(frozen=True)
@@ -448,6 +471,7 @@ def run_batch(
     on_error: OnError = "continue",
     resample: str | None = None,
     assets: Mapping[str, str] | Sequence[str] | None = None,
+    outputs: OutputOptions | None = None,
 ) -> BatchSummary:
     """Predict many scenes on a dask cluster into ``out_dir``, skipping those done before.
 
@@ -466,6 +490,8 @@ def run_batch(
             not started then are left as they were).
         resample: Resampling for band stacks of different resolutions (as predict).
         assets: STAC asset keys (as predict).
+        outputs: Extra outputs for every scene (as predict); their file names are templates
+            like ``template`` (e.g. ``{stem}_stats.json``), inside ``out_dir``.
 
     Returns:
         Counts and throughput; ``ok`` is true when every scene is done.
@@ -492,7 +518,9 @@ def run_batch(
     model_path = str(Path(config.model or default_model_path()).resolve())
     read_metadata(model_path)  # fail now, in one line, rather than once per scene
     model_sha256 = file_sha256(model_path)
-    config_hash = settings_hash(config, resample, assets)
+    if outputs is not None and outputs.aoi is not None and Path(outputs.aoi).exists():
+        outputs = dataclasses.replace(outputs, aoi=str(Path(outputs.aoi).resolve()))  # workers may run elsewhere
+    config_hash = settings_hash(config, resample, assets, outputs)
 
     out = Path(out_dir).resolve()
     try:
@@ -503,6 +531,8 @@ def run_batch(
         planned = plan_scenes(
             scenes, out, manifest, model_sha256, config_hash, template=template, force=force
         )
+        extra = {p.input: scene_outputs(outputs, p.input, out) for p in planned} if outputs else {}
+        _check_unique_outputs(planned, extra)
         summary = BatchSummary(out_dir=out, manifest=manifest.path)
         to_run = [p for p in planned if p.action == "run"]
         if on_error == "stop" and any(p.action == "refuse" for p in planned):
@@ -539,6 +569,7 @@ def run_batch(
                         plugin=f"geoseg-models-{run_id}",
                         resample=resample,
                         assets=assets,
+                        outputs=extra.get(p.input),
                     )
                     for i, p in enumerate(to_run)
                 ]
@@ -548,6 +579,23 @@ def run_batch(
             summary.seconds = time.perf_counter() - started
             manifest.finish_run(run_id, summary.done, summary.skipped, summary.failed)
     return summary
+
+
+def _check_unique_outputs(planned: Sequence[PlannedScene], extra: Mapping[str, OutputOptions]) -> None:
+    """Refuse a batch in which two scenes, or two outputs, would write the same file.
+
+    Raises:
+        ConfigError: The message names the file and what would write it twice.
+    """
+    owner = {p.output: f"the class raster of {p.input}" for p in planned}
+    for scene, outputs in extra.items():
+        for path in outputs.files():
+            name = str(path)
+            if name in owner:
+                raise ConfigError(
+                    f"{name}: written for {scene} and as {owner[name]}; put {{stem}} in the output templates"
+                )
+            owner[name] = f"an output of {scene}"
 
 
 @contextmanager

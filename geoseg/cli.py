@@ -284,6 +284,7 @@ ON_ERROR = ("continue", "stop")  # geoseg.batch.OnError (not imported: it would 
 @click.option("--on-error", type=click.Choice(ON_ERROR), default="continue", show_default=True,
               help="After a scene fails: go on with the others, or stop.")
 @_predict_options
+@_output_options
 @_verbosity_options
 def batch(inputs: tuple[str, ...], out_dir: str, template: str, scheduler: str | None, workers: int | None,
           force: bool, on_error: str, config_file: str | None, resample: str | None, assets: str | None,
@@ -303,8 +304,13 @@ def batch(inputs: tuple[str, ...], out_dir: str, template: str, scheduler: str |
       geoseg batch 'archive/*.tif' --out-dir maps/
       geoseg batch @scenes.txt --out-dir maps/ --workers 4 --tile 512
       geoseg batch @scenes.txt --out-dir /shared/maps --scheduler tcp://head-node:8786
+      geoseg batch 'archive/*.tif' --out-dir maps/ --cog --stats '{stem}_areas.json'
+
+    Extra outputs (--stats, --probabilities, --vector, ...) take templates like --template's,
+    inside OUT-DIR; asking for different outputs redoes the scenes done without them.
     """
     _configure_logging(verbose, quiet)
+    chosen_outputs = _pop_outputs(flags)
     with _user_errors(quiet):
         from contextlib import nullcontext
 
@@ -323,6 +329,7 @@ def batch(inputs: tuple[str, ...], out_dir: str, template: str, scheduler: str |
                 inputs, out_dir, config, client=client, workers=workers, template=template, force=force,
                 on_error=on_error,  # type: ignore[arg-type]
                 resample=resample, assets=parse_assets(assets) if assets else None,
+                outputs=_output_paths(chosen_outputs),
             )
         click.echo(summary.format_table())
         if not summary.ok:

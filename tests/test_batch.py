@@ -6,6 +6,7 @@ per module), and once on a scheduler and workers started as separate processes.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -37,6 +38,7 @@ from geoseg.errors import ConfigError, InputError, OutputError  # noqa: E402
 from geoseg.io import TMP_MARKER  # noqa: E402
 from geoseg.manifest import MANIFEST_NAME, Manifest, read_manifest  # noqa: E402
 from geoseg.modelfile import file_sha256  # noqa: E402
+from geoseg.outputs import OutputOptions  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_TIMEOUT_S = 180  # starting worker processes imports torch: slow on a loaded machine
@@ -269,6 +271,32 @@ def test_resume_skips_done_scenes_and_redoes_changed_and_failed(
     assert run_batch(inputs, out, config.replace(tile=96), client=client).done == 4
     assert run_batch(inputs, out, config.replace(tile=96), client=client).skipped == 4
     assert run_batch(inputs, out, config.replace(tile=96), client=client, force=True).done == 4
+
+
+def test_extra_outputs_per_scene_from_templates_and_redone_when_asked_for(
+    client: Any, tmp_path: Path, make_scene: Any, tiny_model_file: Path
+) -> None:
+    scenes = make_scenes(make_scene, 2, width=80, height=70)
+    out = tmp_path / "out"
+    config = PredictConfig(model=str(tiny_model_file))
+    inputs = [str(s) for s in scenes]
+    assert run_batch(inputs, out, config, client=client).done == 2
+    wanted = OutputOptions(stats=Path("{stem}_areas.json"), confidence=Path("conf/{stem}.tif"))
+    (out / "conf").mkdir()
+    summary = run_batch(inputs, out, config, client=client, outputs=wanted)
+    assert summary.done == 2  # done before without these outputs: redone, not skipped
+    for scene in scenes:
+        ref_outputs = OutputOptions(stats=tmp_path / f"ref_{scene.stem}.json", confidence=tmp_path / f"refconf_{scene.stem}.tif")
+        predict_scene(scene, tmp_path / f"ref_{scene.name}", config, outputs=ref_outputs)
+        assert json.loads((out / f"{scene.stem}_areas.json").read_text())["classes"] == json.loads(
+            ref_outputs.stats.read_text()
+        )["classes"]
+        assert_same_raster(out / "conf" / f"{scene.stem}.tif", ref_outputs.confidence)
+    assert run_batch(inputs, out, config, client=client, outputs=wanted).skipped == 2
+
+    # A template without a field would write one file for every scene: refused before any work.
+    with pytest.raises(ConfigError, match="areas.json: written for"):
+        run_batch(inputs, out, config, client=client, outputs=OutputOptions(stats=Path("areas.json")), force=True)
 
 
 def test_outputs_that_the_batch_did_not_write_are_not_replaced(
