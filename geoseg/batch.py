@@ -150,6 +150,8 @@ def settings_hash(
     asking for statistics on a re-run redoes the scenes done without them.
     """
     settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in SPEED_ONLY_FIELDS}
+    if settings.get("crf"):
+        settings["crf"] = {k: v for k, v in settings["crf"].items() if k != "workers"}  # speed only
     settings["resample"] = resample
     settings["assets"] = dict(assets) if isinstance(assets, Mapping) else (list(assets) if assets else None)
     if outputs is not None and outputs != OutputOptions():
@@ -608,7 +610,12 @@ def _client_for(
         return
     count, threads = local_cluster_size(scenes, workers)
     with local_client(count) as local:
-        yield local, config if config.threads else config.replace(threads=threads)
+        if not config.threads:
+            config = config.replace(threads=threads)
+        if config.crf is not None and config.crf.workers is None:
+            # The CRF's default (every core) in every worker would oversubscribe the machine.
+            config = config.replace(crf=dataclasses.replace(config.crf, workers=config.threads))
+        yield local, config
 
 
 def _scheduler_address(client: Client | None) -> str:

@@ -34,6 +34,7 @@ from geoseg.batch import (  # noqa: E402
     settings_hash,
 )
 from geoseg.cli import main  # noqa: E402
+from geoseg.crf import CrfConfig  # noqa: E402
 from geoseg.errors import ConfigError, InputError, OutputError  # noqa: E402
 from geoseg.io import TMP_MARKER  # noqa: E402
 from geoseg.manifest import MANIFEST_NAME, Manifest, read_manifest  # noqa: E402
@@ -112,6 +113,11 @@ def test_settings_hash_ignores_speed_only_fields() -> None:
     )
     assert settings_hash(base) != settings_hash(base.replace(tile=128))
     assert settings_hash(base) != settings_hash(base, resample="bilinear")
+    with_crf = base.replace(crf=CrfConfig())
+    assert settings_hash(with_crf) != settings_hash(base)
+    assert settings_hash(with_crf) == settings_hash(base.replace(crf=CrfConfig(workers=3)))
+    assert settings_hash(with_crf) != settings_hash(base.replace(crf=CrfConfig(iterations=5)))
+    assert settings_hash(base, outputs=OutputOptions(stats=Path("{stem}.json"))) != settings_hash(base)
 
 
 def test_manifest_readable_after_a_writer_is_killed_mid_transaction(tmp_path: Path) -> None:
