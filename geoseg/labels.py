@@ -9,8 +9,8 @@ Everything here turns a user's reference data into per-window arrays on one grid
   centres inside a polygon, later features drawn over earlier ones);
 - :class:`Region` restricts work to rows, a window or polygons (an area of interest).
 
-Vectors are read from GeoJSON and GeoPackage with the standard library and shapely; other
-formats need pyogrio. Geometries are reprojected to the image CRS with ``rasterio.warp``.
+Vectors are read with fiona (any format OGR reads; GeoJSON with :mod:`json`) into shapely
+geometries and reprojected to the image CRS with ``rasterio.warp``.
 """
 
 from __future__ import annotations
@@ -18,8 +18,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import sqlite3
-import struct
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -195,27 +193,26 @@ class VectorData:
 
 
 def read_vector(path: str | os.PathLike[str], layer: str | None = None) -> VectorData:
-    """Read features from GeoJSON or a GeoPackage (other formats through pyogrio, when installed).
+    """Read features from a vector file: GeoJSON directly, any other format OGR reads with fiona.
 
     GeoJSON without a ``crs`` member is WGS 84 longitude/latitude (RFC 7946).
+    NOTE: GeoJSON is parsed with :mod:`json` because OGR types a property column from its values,
+    and a class attribute mixing names and ids ("forest", 5) then fails to read through fiona.
 
     Raises:
-        InputError: Missing or unreadable file, or no features.
+        InputError: Missing or unreadable file, unknown layer, or no features.
     """
     path = os.fspath(path)
     if not Path(path).exists():
         raise InputError(f"{path}: vector file not found")
-    suffix = Path(path).suffix.lower()
     try:
-        if suffix in (".geojson", ".json"):
+        if Path(path).suffix.lower() in (".geojson", ".json"):
             data = _read_geojson(path)
-        elif suffix == ".gpkg":
-            data = _read_gpkg(path, layer)
         else:
-            data = _read_pyogrio(path, layer)
+            data = _read_with_fiona(path, layer)
     except InputError:
         raise
-    except (OSError, ValueError, KeyError, TypeError, sqlite3.Error, struct.error) as err:
+    except (OSError, ValueError, KeyError, TypeError, CRSError) as err:
         raise InputError(f"{path}: cannot read vector features ({_first_line(err)})") from err
     if not data.geometries:
         raise InputError(f"{path}: no features with a geometry")
@@ -249,79 +246,24 @@ def _read_geojson(path: str) -> VectorData:
     return VectorData(tuple(geoms), tuple(props), crs, path)
 
 
-def _gpkg_wkb(blob: bytes) -> bytes:
-    """Strip the GeoPackage binary header (magic, version, flags, srs id, envelope) off a geometry blob."""
-    if blob[:2] != b"GP":
-        raise ValueError("not a GeoPackage geometry blob")
-    flags = blob[3]
-    envelope = {0: 0, 1: 32, 2: 48, 3: 48, 4: 64}.get((flags >> 1) & 0b111)
-    if envelope is None:
-        raise ValueError("bad GeoPackage envelope flag")
-    return blob[8 + envelope :]
-
-
-def _read_gpkg(path: str, layer: str | None) -> VectorData:
-    shapely = _shapely()
-    with sqlite3.connect(f"file:{Path(path).resolve()}?mode=ro", uri=True) as con:
-        rows = con.execute(
-            "SELECT c.table_name, g.column_name, g.srs_id FROM gpkg_contents c "
-            "JOIN gpkg_geometry_columns g ON g.table_name = c.table_name WHERE c.data_type = 'features'"
-        ).fetchall()
-        if not rows:
-            raise InputError(f"{path}: no feature table in this GeoPackage")
-        if layer is not None:
-            rows = [r for r in rows if r[0] == layer]
-            if not rows:
-                raise InputError(f"{path}: no feature layer named {layer!r}")
-        table, column, srs_id = rows[0]
-        srs = con.execute(
-            "SELECT organization, organization_coordsys_id, definition "
-            "FROM gpkg_spatial_ref_sys WHERE srs_id = ?",
-            (srs_id,),
-        ).fetchone()
-        crs = None
-        if srs is not None and srs_id > 0:
-            org, code, definition = srs
-            try:
-                crs = (
-                    CRS.from_wkt(definition)
-                    if definition and definition != "undefined"
-                    else CRS.from_epsg(code)
-                )
-            except CRSError:
-                if (org or "").upper() == "EPSG":
-                    crs = CRS.from_epsg(code)
-        names = [r[1] for r in con.execute(f'PRAGMA table_info("{table}")')]
-        geoms, props = [], []
-        for row in con.execute(f'SELECT * FROM "{table}"'):
-            record = dict(zip(names, row, strict=True))
-            blob = record.pop(column)
-            if blob is None:
-                continue
-            geoms.append(shapely.from_wkb(_gpkg_wkb(bytes(blob))))
-            props.append(record)
-    return VectorData(tuple(geoms), tuple(props), crs, path)
-
-
-def _read_pyogrio(path: str, layer: str | None) -> VectorData:
+def _read_with_fiona(path: str, layer: str | None) -> VectorData:
     from ._lazy import lazy_import
 
-    pyogrio = lazy_import("pyogrio", extra="vector")
+    fiona = lazy_import("fiona", extra="vector")
     shapely = _shapely()
-    meta, _, geometry, fields = pyogrio.raw.read(path, layer=layer)
-    names = list(meta["fields"])
-    crs = CRS.from_user_input(meta["crs"]) if meta.get("crs") else None
-    geoms, props = [], []
-    for i, wkb in enumerate(geometry):
-        if wkb is None:
-            continue
-        geoms.append(shapely.from_wkb(wkb))
-        props.append(
-            {
-                n: (v.item() if hasattr(v, "item") else v)
-                for n, v in zip(names, (f[i] for f in fields), strict=True)
-            }
-        )
+    try:
+        if layer is not None and layer not in fiona.listlayers(path):
+            raise InputError(f"{path}: no feature layer named {layer!r}")
+        with fiona.open(path, layer=layer) as features:
+            crs = CRS.from_wkt(features.crs_wkt) if features.crs_wkt else None
+            geoms, props = [], []
+            for feature in features:
+                if feature.geometry is None:
+                    continue
+                geoms.append(shapely.geometry.shape(feature.geometry))
+                props.append(dict(feature.properties))
+    except fiona.errors.FionaError as err:
+        raise InputError(f"{path}: cannot read vector features ({_first_line(err)})") from err
     return VectorData(tuple(geoms), tuple(props), crs, path)
 
 
