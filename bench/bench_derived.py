@@ -10,7 +10,7 @@ Prints figures; asserts nothing. Run from the repository root:
     --vector --simplify, --report, --stac, then all together; the overhead is the difference of
     wall clocks (best of ``--repeat``), so it is as noisy as the predict itself;
 (b) the same outputs timed alone on that class map, in this process (no predict noise);
-(c) peak RSS (``os.wait4`` on the child) of a predict with all outputs on the big scene, and of
+(c) peak RSS (the child's own VmHWM, see bench/peak.py) of a predict with all outputs on the big scene, and of
     vectorising its class map alone in a child process, with the polygon count.
 """
 
@@ -18,45 +18,21 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # this checkout's geoseg
+from peak import run_with_peak  # noqa: E402
 from scenes import OUT, ROOT, build_mosaic  # noqa: E402
 
 # NOTE: torch is imported inside main() only: a measured child runs this module without it.
 
 
-# NOTE: os.wait4's ru_maxrss for a child counts the parent's RSS at the fork (Linux keeps the
-# high-water mark of the memory the child had before exec), and this parent holds torch and a
-# model: a child doing nothing "peaked" at 461 MiB. The child's own VmHWM (/proc, per address
-# space, so reset by exec) is read instead, just before it exits.
-PEAK_WRAPPER = """
-import os, runpy, sys
-try:
-    runpy.run_module(sys.argv.pop(1), run_name="__main__", alter_sys=True)
-finally:
-    with open("/proc/self/status") as status:
-        peak_kib = next(line.split()[1] for line in status if line.startswith("VmHWM"))
-    with open(os.environ["GEOSEG_BENCH_PEAK"], "w") as out:
-        out.write(peak_kib)
-"""
-
-
 def run(module_args: list[str]) -> tuple[float, float]:
-    """Run ``python -m MODULE ARGS`` from the repository root; returns (wall seconds, peak RSS in MiB)."""
-    peak_file = OUT / "peak_kib.txt"
-    peak_file.unlink(missing_ok=True)
-    cmd = [sys.executable, "-c", PEAK_WRAPPER, *module_args]
-    start = time.perf_counter()
-    status = subprocess.run(cmd, cwd=ROOT, env=os.environ | {"GEOSEG_BENCH_PEAK": str(peak_file)}).returncode
-    wall = time.perf_counter() - start
-    if status != 0:
-        raise SystemExit(f"failed (status {status}): {' '.join(module_args)}")
-    return wall, int(peak_file.read_text()) / 1024
+    """Run ``python -m MODULE ARGS`` from the repository root; returns (wall seconds, its own peak RSS in MiB)."""
+    return run_with_peak(module_args)
 
 
 def predict_cmd(scene: Path, model: Path, stem: str, extra: list[str]) -> list[str]:

@@ -7,7 +7,7 @@ Prints figures; asserts nothing. Run from the repository root:
 
 Each configuration runs ``geoseg predict`` in a subprocess on a mosaic of the shared Zion
 Landsat 8 scene (bench/scenes.py) with the bundled model; wall clock includes start-up, peak
-RSS comes from ``os.wait4``. The overhead of an output is its run's wall clock over the plain
+RSS is the child's own VmHWM (bench/peak.py says why not ``os.wait4``). The overhead of an output is its run's wall clock over the plain
 run's (the plain run is repeated first and last, to show the machine's noise). Two areas of
 interest: one covering the whole scene (the cost of masking every tile) and the Zion park
 boundary (another CRS; it covers part of the mosaic's first copy of the scene, so most tiles are skipped).
@@ -18,32 +18,25 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_predict import cpu_name  # noqa: E402
+from peak import run_measured  # noqa: E402
 from scenes import OUT, ZION, build_mosaic  # noqa: E402
 
 PARK = ZION.parent / "zion_park_boundary.gpkg"
 
 
 def run_predict(scene: Path, out_dir: Path, extra: list[str]) -> tuple[float, float, float]:
-    """Run ``geoseg predict`` as a child; returns (wall seconds, CPU seconds, peak RSS in MiB).
+    """Run ``geoseg predict`` as a child; returns (wall seconds, CPU seconds, its own peak RSS in MiB).
 
     CPU seconds (user + system, all threads) say more than wall clock on a shared machine.
     """
-    cmd = [sys.executable, "-m", "geoseg", "predict", str(scene), str(out_dir / "classes.tif"), "-q", "--overwrite", *extra]
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    if status != 0:
-        raise SystemExit(f"geoseg predict failed on {scene} with {extra} (status {status})")
-    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
+    measured = run_measured(["geoseg", "predict", str(scene), str(out_dir / "classes.tif"), "-q", "--overwrite", *extra])
+    return measured.wall_s, measured.cpu_s, measured.peak_mib
 
 
 def whole_scene_aoi(scene: Path) -> str:

@@ -16,9 +16,10 @@ the next one, each with its whole extent so far (a single forest spanning the sc
 whole, as it must be to write it as one polygon). Interior regions never accumulate.
 
 Simplification uses :func:`shapely.coverage_simplify`, which simplifies the edges shared by
-neighbouring polygons once, so no gaps or overlaps open between them. It needs the whole
-coverage at once, so with ``simplify > 0`` every polygon (vertices, not pixels) is kept until
-the end. Regions smaller than ``min_area`` are dropped (not merged into a neighbour): they
+neighbouring polygons once, so no gaps or overlaps open between them. It runs on groups of
+regions in the order they are finished; edges shared with another group, and the coverage's
+outer edge (scene border, nodata), stay at pixel precision, so groups fit together exactly and
+memory holds one group. Regions smaller than ``min_area`` are dropped (not merged into a neighbour): they
 leave holes in the coverage, and the raster keeps their pixels.
 """
 
@@ -52,6 +53,8 @@ DEFAULT_BLOCK_PX = 1024
 # an equal-area projection that covers the whole world.
 EQUAL_AREA_CRS = "EPSG:6933"
 WRITE_BATCH = 1000
+# Regions simplified together: large enough that most shared edges fall inside a group.
+SIMPLIFY_GROUP = 20_000
 
 
 @dataclass(frozen=True)
@@ -346,7 +349,7 @@ def vectorize_raster(
 
     batches = in_map_units(large_enough())
     if simplify > 0:
-        batches = iter([_simplified([region for batch in batches for region in batch], simplify, shapely)])
+        batches = _simplified_groups(batches, simplify, shapely)
     tmp = dst.with_name(f".{dst.stem}{TMP_MARKER}{os.getpid()}{dst.suffix}")
     fiona_crs = fiona.crs.CRS.from_wkt(crs.to_wkt()) if crs is not None else None
     try:
@@ -363,11 +366,30 @@ def vectorize_raster(
     return VectorResult(dst, kept, dropped)
 
 
+def _simplified_groups(
+    batches: Iterator[list[tuple[int, Any]]], tolerance: float, shapely: Any
+) -> Iterator[list[tuple[int, Any]]]:
+    """Coverage-simplify the regions :data:`SIMPLIFY_GROUP` at a time, in the order they are made.
+
+    Within a group, an edge two regions share is simplified once for both. An edge a region shares
+    with a region of another group, and the coverage's outer edge, stay exact
+    (``simplify_boundary=False``): both groups keep it as it is, so the groups still fit together
+    with no gap or overlap, and only one group of polygons is held at a time.
+    """
+    group: list[tuple[int, Any]] = []
+    for batch in batches:
+        group.extend(batch)
+        if len(group) >= SIMPLIFY_GROUP:
+            yield _simplified(group, tolerance, shapely)
+            group = []
+    if group:
+        yield _simplified(group, tolerance, shapely)
+
+
 def _simplified(regions: list[tuple[int, Any]], tolerance: float, shapely: Any) -> list[tuple[int, Any]]:
-    """Coverage-simplify all regions together (so every polygon is held until the last is made)."""
-    if not regions:
-        return []
-    simplified = shapely.coverage_simplify(np.array([p for _, p in regions], dtype=object), tolerance)
+    """Coverage-simplify ``regions`` together, keeping the edges they share with anything else."""
+    polygons = np.array([p for _, p in regions], dtype=object)
+    simplified = shapely.coverage_simplify(polygons, tolerance, simplify_boundary=False)
     return [(value, polygon) for (value, _), polygon in zip(regions, simplified) if not polygon.is_empty]
 
 
