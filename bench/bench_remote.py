@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the CLI does, before torch loads
+os.environ.setdefault("GOMP_SPINCOUNT", "3000")  # as the CLI does, before torch loads
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ROOT.parent / "shared" / "data" / "zion-landsat8-nlcd" / "classes.json"

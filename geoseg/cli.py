@@ -78,9 +78,11 @@ def _verbosity_options(f: Callable[..., Any]) -> Callable[..., Any]:
 @click.version_option(__version__, prog_name="geoseg")
 def main() -> None:
     """Land-cover maps from multispectral GeoTIFFs with a SegFormer, streamed tile by tile."""
-    # NOTE: set before torch loads OpenMP. Idle OpenMP threads that spin steal the cores the
-    # reader and writer threads need: on 2 shared cores a run took 2.7x as long (README, Performance).
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # NOTE: set before torch loads OpenMP. Idle libgomp threads spin GOMP_SPINCOUNT times (300,000
+    # by default) before they sleep, taking the cores the reader and writer threads need, and a
+    # whole machine when other jobs run: two predicts side by side took 116 s with the default,
+    # 28 s with 3,000, 23 s fully passive, which however costs a lone run 15 % (README, Performance).
+    os.environ.setdefault("GOMP_SPINCOUNT", "3000")
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")

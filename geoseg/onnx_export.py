@@ -185,7 +185,7 @@ def open_session(path: str | os.PathLike[str], device: torch.device | None = Non
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     options.inter_op_num_threads = 1
-    # NOTE: like OMP_WAIT_POLICY=PASSIVE for torch: spinning pool threads steal the reader's core.
+    # NOTE: as the CLI shortens libgomp's spinning for torch: spinning pool threads steal the reader's core.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3  # errors only: warnings about unused initializers are noise
     providers = ["CPUExecutionProvider"]
