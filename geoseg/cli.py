@@ -281,7 +281,7 @@ ON_ERROR = ("continue", "stop")  # geoseg.batch.OnError (not imported: it would 
 @click.option("--scheduler", metavar="ADDRESS",
               help="Run on this dask scheduler (tcp://host:8786 or a scheduler file) [a local cluster].")
 @click.option("--workers", type=click.IntRange(min=1),
-              help="Worker processes of the local cluster [one per GPU, else half the cores].")
+              help="Worker processes of the local cluster [one per GPU, else one per core (1.5 GiB each at most)].")
 @click.option("--force", is_flag=True, help="Redo every scene, even those done before.")
 @click.option("--on-error", type=click.Choice(ON_ERROR), default="continue", show_default=True,
               help="After a scene fails: go on with the others, or stop.")

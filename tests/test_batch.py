@@ -29,6 +29,7 @@ from geoseg.batch import (  # noqa: E402
     OutDirLock,
     expand_inputs,
     local_client,
+    local_cluster_size,
     output_name,
     run_batch,
     settings_hash,
@@ -118,6 +119,19 @@ def test_settings_hash_ignores_speed_only_fields() -> None:
     assert settings_hash(with_crf) == settings_hash(base.replace(crf=CrfConfig(workers=3)))
     assert settings_hash(with_crf) != settings_hash(base.replace(crf=CrfConfig(iterations=5)))
     assert settings_hash(base, outputs=OutputOptions(stats=Path("{stem}.json"))) != settings_hash(base)
+
+
+def test_local_cluster_one_single_threaded_worker_per_core_within_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("with GPUs the local cluster has one worker per GPU")
+    gib = 1 << 30
+    assert local_cluster_size(100, cores=2, memory_bytes=24 * gib) == (2, 1)
+    assert local_cluster_size(100, cores=16, memory_bytes=12 * gib) == (8, 2)  # memory caps the workers
+    assert local_cluster_size(3, cores=16, memory_bytes=64 * gib) == (3, 5)  # never more than the scenes
+    assert local_cluster_size(100, cores=8, memory_bytes=gib) == (1, 8)
+    assert local_cluster_size(100, workers=3, cores=8, memory_bytes=64 * gib) == (3, 2)
 
 
 def test_manifest_readable_after_a_writer_is_killed_mid_transaction(tmp_path: Path) -> None:
