@@ -182,9 +182,9 @@ def predict_scene(
         try:
             predicted = _run(scene, grid, model, predictor, config, dst_path, tags, progress, stages, sinks, aoi)
         except BaseException:
-            _Outputs(stages, sinks).abort()  # also when the class raster could not even be created
-            for stage in stages:
-                stage.close()
+            fallback = _Outputs(stages, sinks)  # also when the class raster could not even be created
+            fallback.close()
+            fallback.abort()
             raise
         finish_outputs(dst_path, scene, model, config, outputs, sinks, overwrite=overwrite)
     if predicted == 0:
@@ -288,7 +288,7 @@ def build_sinks(
     Each creates its temporary file here; on any failure those already created are removed.
     """
     from .rasters import ConfidenceWriter, ProbabilityWriter
-    from .stats import StatsWriter
+    from .stats import ClassAreaCounter, StatsWriter
 
     tags = dict(tags or {})
     sinks: list[RowSink] = []
@@ -302,6 +302,8 @@ def build_sinks(
         if outputs.stats is not None:
             info = {"scene": scene.label, "model": meta.name, "aoi": aoi_label(outputs.aoi)}
             sinks.append(StatsWriter(outputs.stats, meta.classes, scene.transform, scene.crs, info))
+        elif outputs.report is not None:  # the report's area table, counted as rows finish
+            sinks.append(ClassAreaCounter(meta.classes, scene.transform, scene.crs))
     except BaseException:
         for sink in sinks:
             sink.abort()
@@ -335,7 +337,11 @@ def finish_outputs(
     if outputs.report is not None:
         from .report import write_report
 
-        write_report(outputs.report, dst, scene, meta, model_sha256=model.sha256, overwrite=overwrite)
+        from .stats import ClassAreaCounter
+
+        counted = [sink.table() for sink in sinks if isinstance(sink, ClassAreaCounter)]
+        write_report(outputs.report, dst, scene, meta, model_sha256=model.sha256, overwrite=overwrite,
+                     table=counted[0] if counted else None)
         log.info("wrote %s/index.html", outputs.report)
     if outputs.stac is not None:
         from .stac import build_item, scene_datetime, scene_inputs, write_item

@@ -117,10 +117,12 @@ def write_report(
     *,
     model_sha256: str = "",
     overwrite: bool = False,
+    table: Sequence[ClassArea] | None = None,
 ) -> Path:
     """Write the report folder ``dst`` (index.html, classes.png, scene.png) for a finished prediction.
 
-    The folder is built as a hidden sibling and renamed into place; with ``overwrite`` an
+    ``table`` is the class-area table when it was counted already (the engine counts it from the
+    finished rows); ``None`` counts it from ``class_raster``. The folder is built as a hidden sibling and renamed into place; with ``overwrite`` an
     existing folder is replaced only once the new one is complete.
 
     Raises:
@@ -143,7 +145,7 @@ def write_report(
             crs = ds.crs.to_string() if ds.crs else "none (pixel space)"
             size = f"{ds.width} x {ds.height} px, pixel {abs(ds.transform.a):g} x {abs(ds.transform.e):g}"
         page = render_html(
-            table=count_raster(class_raster, classes),
+            table=table if table is not None else count_raster(class_raster, classes),
             classes=classes,
             scene_name=scene.label,
             output_name=Path(class_raster).name,
