@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Literal
 
+from ._machine import physical_memory_bytes, usable_cores
 from ._version import __version__
 from .config import PredictConfig
 from .errors import ConfigError, DependencyNotFoundError, InputError, OutputError
@@ -406,22 +407,13 @@ def local_cluster_size(
     """
     import torch
 
-    if cores is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if memory_bytes is None:
-        memory_bytes = _memory_bytes()
+    cores = cores or usable_cores()
+    memory_bytes = memory_bytes or physical_memory_bytes()
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if workers is None:
         workers = gpus or max(1, min(cores, memory_bytes // WORKER_MEMORY_BYTES))
     workers = max(1, min(workers, scenes))
     return workers, max(1, cores // workers)
-
-
-def _memory_bytes() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 16 << 30
 
 
 @contextmanager

@@ -17,7 +17,6 @@ import dataclasses
 import logging
 import math
 import multiprocessing
-import os
 from collections import deque
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -29,6 +28,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ._lazy import lazy_import
+from ._machine import usable_cores
 from .errors import ConfigError, InputError
 from .stream import RowBlock
 
@@ -106,12 +106,7 @@ class CrfConfig:
     @property
     def worker_count(self) -> int:
         """``workers``, or the cores this process may run on."""
-        if self.workers is not None:
-            return self.workers
-        try:
-            return len(os.sched_getaffinity(0))
-        except AttributeError:  # not on Linux
-            return os.cpu_count() or 1
+        return self.workers if self.workers is not None else usable_cores()
 
     def params(self) -> CrfParams:
         """The kernel parameters a worker needs."""

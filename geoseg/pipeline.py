@@ -25,6 +25,7 @@ import numpy as np
 import rasterio
 import rasterio.env
 
+from ._machine import physical_memory_bytes
 from ._version import __version__
 from .aoi import AreaOfInterest, aoi_label, load_aoi
 from .blend import LogitAccumulator
@@ -252,11 +253,7 @@ def block_cache_bytes(scene: Scene, grid: TileGrid, block_rows: int | None = Non
     itemsize = np.dtype(scene.dtype).itemsize
     copies = 2 if scene.path.lstrip().startswith("<") else 1
     needed = copies * scene.width * min(rows, scene.height) * len(scene.band_indexes) * itemsize
-    try:
-        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        memory = 16 << 30
-    return int(max(GDAL_CACHE_MB << 20, min(needed, memory // 4)))
+    return int(max(GDAL_CACHE_MB << 20, min(needed, physical_memory_bytes() // 4)))
 
 
 def build_stages(scene: Scene, meta: ModelMetadata, config: PredictConfig) -> list[RowStage]:
