@@ -1,4 +1,4 @@
-"""Weighted blending of overlapping tile logits in a rolling band of rows.
+"""Weighted blending of overlapping tile logits, tile by tile, holding only the overlaps.
 
 Each tile adds ``taper * logits`` into a running sum; a pixel's blended logits are that sum
 divided by the sum of the tapers that covered it (the-lay/tiler's ``Merger`` does the same
@@ -6,9 +6,13 @@ over a whole image). Because the taper is separable and the tiles form a grid, t
 is separable too, ``W(y, x) = Wy(y) * Wx(x)``, so it needs no per-pixel array. The class
 labels need no division at all: ``argmax(sum / W) == argmax(sum)`` for ``W > 0``.
 
-Only the rows that tiles in flight still touch are held: once no later tile covers a row it
-is handed out and dropped, so memory depends on the scene's width and the tile size, never on
-its height.
+Tiles arrive in row-major grid order. Once tile ``(r, c)`` is added, the pixels it covers
+above the next tile row and left of the next tile column are final: they are reduced to class
+indexes at once. What later tiles still touch is carried: the tile's right edge to the next
+tile (a column carry, tile-sized) and its bottom edge to the next tile row (a row carry, as
+wide as the scene but only as tall as the overlap). So the float state is about
+``K x overlap x width``, not ``K x tile x width``, and never depends on the scene's height.
+The finished rows of a tile row come out together, in order.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from .tiling import taper_1d
+from .tiling import Tile, TileGrid, taper_1d, taper_2d
 
 
 def weight_sum_1d(starts: Sequence[int], tile_px: int, floor: float, length_px: int, lo: int, hi: int) -> npt.NDArray[np.float32]:
@@ -44,7 +48,7 @@ def argmax_classes(scores: npt.NDArray[np.float32]) -> npt.NDArray[np.uint8 | np
     vectorised compares are about twice as fast and keep the first maximum on ties, as argmax does.
     """
     best = scores[0].copy()
-    labels = np.zeros(scores.shape[1:], np.uint8 if scores.shape[0] <= 256 else np.uint16)
+    labels = np.zeros(scores.shape[1:], index_dtype(scores.shape[0]))
     greater = np.empty(scores.shape[1:], bool)
     for k in range(1, scores.shape[0]):
         np.greater(scores[k], best, out=greater)
@@ -53,125 +57,179 @@ def argmax_classes(scores: npt.NDArray[np.float32]) -> npt.NDArray[np.uint8 | np
     return labels
 
 
+def index_dtype(num_classes: int) -> type[np.unsignedinteger]:
+    """The smallest unsigned integer type that holds class indexes ``0 .. num_classes - 1``."""
+    return np.uint8 if num_classes <= 256 else np.uint16
+
+
 @dataclass
 class FinishedRows:
-    """Finished rows ``row .. row + n`` of the scene.
+    """Finished rows ``row .. row + n`` of the scene (arrays of their own, not views of a buffer).
 
-    ``sums`` is ``(K, n, width)``, the weighted logit sums (a view into the accumulator, valid
-    only until the next call into it); ``valid`` is ``(n, width)``; ``weights`` is the
-    separable weight sum, as ``(n, 1)`` and ``(1, width)`` factors.
+    Attributes:
+        row: First scene row.
+        labels: ``(n, width)`` index of the winning class; meaningless where not ``valid``.
+        valid: ``(n, width)``: some tile with a valid pixel there covered it.
+        sums: ``(K, n, width)`` weighted logit sums; only from a blender that keeps logits.
+        row_weights: The separable weight sum's ``(n,)`` row factor.
+        col_weights: Its ``(width,)`` column factor.
     """
 
     row: int
-    sums: npt.NDArray[np.float32]
+    labels: npt.NDArray[np.uint8 | np.uint16]
     valid: npt.NDArray[np.bool_]
+    sums: npt.NDArray[np.float32] | None
     row_weights: npt.NDArray[np.float32]
     col_weights: npt.NDArray[np.float32]
 
-    def labels(self) -> npt.NDArray[np.uint8 | np.uint16]:
-        """Index of the winning class per pixel ``(n, width)``; meaningless where not valid."""
-        return argmax_classes(self.sums)
+    @property
+    def height(self) -> int:
+        return int(self.labels.shape[0])
 
     def logits(self) -> npt.NDArray[np.float32]:
         """Blended logits ``(K, n, width)`` (a new array)."""
+        if self.sums is None:
+            raise AssertionError("the blender was not asked to keep logits (keep_logits=True)")
         return self.sums / (self.row_weights[:, None] * self.col_weights[None, :])[None]
 
     def split(self, max_rows: int) -> Iterator[FinishedRows]:
-        """The same rows as blocks of at most ``max_rows`` (views, valid as long as this block)."""
-        n = self.sums.shape[1]
-        for top in range(0, n, max_rows):
-            bottom = min(top + max_rows, n)
+        """The same rows as blocks of at most ``max_rows`` (views of these arrays)."""
+        for top in range(0, self.height, max_rows):
+            rows = slice(top, min(top + max_rows, self.height))
             yield FinishedRows(
                 row=self.row + top,
-                sums=self.sums[:, top:bottom],
-                valid=self.valid[top:bottom],
-                row_weights=self.row_weights[top:bottom],
+                labels=self.labels[rows],
+                valid=self.valid[rows],
+                sums=None if self.sums is None else self.sums[:, rows],
+                row_weights=self.row_weights[rows],
                 col_weights=self.col_weights,
             )
 
 
-class LogitAccumulator:
-    """Running weighted logit sums over a band of scene rows.
+class TileBlender:
+    """Blends tile logits given in grid order; hands out each tile row's finished rows.
+
+    Tiles may be left out (all-nodata tiles never reach the network): they contribute nothing,
+    and pixels only they cover come out invalid.
 
     Args:
+        grid: The tile grid of the scene.
         num_classes: K, the number of logit channels.
-        height: Scene height in pixels.
-        width: Scene width in pixels.
-        capacity_rows: Rows held at once; tiles must lie within ``origin .. origin + capacity``.
-        row_starts: Tile-row offsets of the grid (for the separable weight sum).
-        col_starts: Tile-column offsets of the grid.
-        tile_px: Tile edge in pixels.
         taper_floor: The taper's floor (see :func:`geoseg.tiling.taper_1d`).
+        keep_logits: Also hand out the weighted logit sums of finished rows (for probabilities
+            or a CRF); costs ``K`` float32 values per pixel of a tile row.
     """
 
-    def __init__(
-        self,
-        num_classes: int,
-        height: int,
-        width: int,
-        capacity_rows: int,
-        row_starts: Sequence[int],
-        col_starts: Sequence[int],
-        tile_px: int,
-        taper_floor: float,
-    ):
-        self.height = height
-        self.width = width
-        self.capacity_rows = min(capacity_rows, height)
-        self.origin = 0  # scene row held at index 0 of the band
-        self._row_starts = list(row_starts)
-        self._tile_px = tile_px
+    def __init__(self, grid: TileGrid, num_classes: int, taper_floor: float, keep_logits: bool = False):
+        self.grid = grid
+        self.num_classes = num_classes
+        self.keep_logits = keep_logits
         self._floor = taper_floor
-        self._col_weights = weight_sum_1d(col_starts, tile_px, taper_floor, width, 0, width)
-        self._sums = np.zeros((num_classes, self.capacity_rows, width), np.float32)
-        self._valid = np.zeros((self.capacity_rows, width), bool)
+        self._taper = taper_2d(grid.tile_px, taper_floor)
+        self._rows = grid.row_starts
+        self._cols = grid.col_starts
+        self._col_weights = weight_sum_1d(self._cols, grid.tile_px, taper_floor, grid.width, 0, grid.width)
+        self._next = 0  # grid index of the next tile position to blend
+        empty = np.zeros((num_classes, 0, grid.width), np.float32)
+        # Sums (and validity) of rows the next tile row shares with the ones blended so far.
+        self._row_carry, self._row_carry_valid = empty, np.zeros((0, grid.width), bool)
+        self._peak_nbytes = 0
 
     @property
     def nbytes(self) -> int:
-        """Bytes held for the band (sums, mask and column weights)."""
-        return self._sums.nbytes + self._valid.nbytes + self._col_weights.nbytes
+        """The most bytes of blending state held at once so far (carries and the tile row's output)."""
+        return self._peak_nbytes
 
-    def add(
-        self,
-        y: int,
-        x: int,
-        logits: npt.NDArray[np.float32],
-        taper: npt.NDArray[np.float32],
-        valid: npt.NDArray[np.bool_],
-    ) -> None:
-        """Blend one tile's logits ``(K, h, w)`` at scene position (``y``, ``x``).
+    def add(self, tile: Tile, logits: npt.NDArray[np.float32], valid: npt.NDArray[np.bool_]) -> list[FinishedRows]:
+        """Blend one tile's logits ``(K, h, w)`` and validity ``(h, w)``, cropped to the scene.
 
-        ``taper`` and ``valid`` are ``(h, w)``, already cropped to the scene.
+        Returns the rows this tile (or tiles skipped before it) finished, top to bottom.
         """
-        _, h, w = logits.shape
-        top = y - self.origin
-        if top < 0 or top + h > self.capacity_rows:
-            raise AssertionError(
-                f"tile rows {y}..{y + h} fall outside the held band {self.origin}..{self.origin + self.capacity_rows}"
-            )
-        self._sums[:, top : top + h, x : x + w] += logits * taper
-        self._valid[top : top + h, x : x + w] |= valid
+        if tile.index < self._next:
+            raise AssertionError(f"tile {tile.index} comes after tile {self._next - 1}: tiles must come in grid order")
+        finished = self._skip_until(tile.index)
+        finished += self._blend(tile.index, logits, valid)
+        return finished
 
-    def pop_until(self, row: int) -> Iterator[FinishedRows]:
-        """Yield the finished rows above scene row ``row``, then drop them.
+    def finish(self) -> list[FinishedRows]:
+        """No more tiles: the rows still waiting (those of tiles never added)."""
+        return self._skip_until(len(self.grid))
 
-        Each yielded block is a view: use it inside the loop body. Rows no tile touched
-        (skipped all-nodata tiles) come out invalid.
-        """
-        while self.origin < min(row, self.height):
-            n = min(row, self.height, self.origin + self.capacity_rows) - self.origin
-            lo, hi = self.origin, self.origin + n
-            yield FinishedRows(
-                row=lo,
-                sums=self._sums[:, :n],
-                valid=self._valid[:n],
-                row_weights=weight_sum_1d(self._row_starts, self._tile_px, self._floor, self.height, lo, hi),
-                col_weights=self._col_weights,
-            )
-            # Shift the band up by n rows and clear what comes into view at the bottom.
-            keep = self.capacity_rows - n
-            self._sums[:, :keep] = self._sums[:, n:]
-            self._sums[:, keep:] = 0
-            self._valid[:keep] = self._valid[n:]
-            self._valid[keep:] = False
-            self.origin = hi
+    def _skip_until(self, index: int) -> list[FinishedRows]:
+        finished: list[FinishedRows] = []
+        while self._next < index:
+            finished += self._blend(self._next, None, None)
+        return finished
+
+    def _blend(
+        self, index: int, logits: npt.NDArray[np.float32] | None, valid: npt.NDArray[np.bool_] | None
+    ) -> list[FinishedRows]:
+        grid, rows, cols = self.grid, self._rows, self._cols
+        r, c = divmod(index, len(cols))
+        y, x = rows[r], cols[c]
+        h, w = min(grid.tile_px, grid.height - y), min(grid.tile_px, grid.width - x)
+        # Rows above the next tile row and columns left of the next tile column are final now.
+        done_h = (rows[r + 1] if r + 1 < len(rows) else grid.height) - y
+        done_w = (cols[c + 1] if c + 1 < len(cols) else grid.width) - x
+        if c == 0:
+            self._start_tile_row(done_h, h)
+        if logits is None:
+            window = np.zeros((self.num_classes, h, w), np.float32)
+            window_valid = np.zeros((h, w), bool)
+        else:
+            if logits.shape != (self.num_classes, h, w) or valid is None or valid.shape != (h, w):
+                raise AssertionError(f"tile {index} at ({y}, {x}) needs ({self.num_classes}, {h}, {w}) logits")
+            window = logits * self._taper[:h, :w]
+            window_valid = valid.copy()
+        # What earlier tiles of this row left on its left edge (the row carry already included) ...
+        carried = self._col_carry.shape[2]
+        window[:, :, :carried] += self._col_carry
+        window_valid[:, :carried] |= self._col_carry_valid
+        # ... and what the tile rows above left on its top edge, for the columns new to this row.
+        above = self._row_carry.shape[1]
+        window[:, :above, carried:] += self._row_carry[:, :, x + carried : x + w]
+        window_valid[:above, carried:] |= self._row_carry_valid[:, x + carried : x + w]
+
+        done = window[:, :done_h, :done_w]
+        self._labels[:, x : x + done_w] = argmax_classes(done)
+        self._valid[:, x : x + done_w] = window_valid[:done_h, :done_w]
+        if self._sums is not None:
+            self._sums[:, :, x : x + done_w] = done
+        self._next_carry[:, :, x : x + done_w] = window[:, done_h:, :done_w]
+        self._next_carry_valid[:, x : x + done_w] = window_valid[done_h:, :done_w]
+        self._col_carry = window[:, :, done_w:].copy()
+        self._col_carry_valid = window_valid[:, done_w:].copy()
+        self._next = index + 1
+        self._peak_nbytes = max(self._peak_nbytes, self._held_nbytes())
+        if c + 1 < len(cols):
+            return []
+        band = FinishedRows(
+            row=y,
+            labels=self._labels,
+            valid=self._valid,
+            sums=self._sums,
+            row_weights=weight_sum_1d(rows, grid.tile_px, self._floor, grid.height, y, y + done_h),
+            col_weights=self._col_weights,
+        )
+        self._row_carry, self._row_carry_valid = self._next_carry, self._next_carry_valid
+        return [band]
+
+    def _start_tile_row(self, done_h: int, h: int) -> None:
+        """Fresh arrays for a tile row's finished rows and for what it leaves to the next row."""
+        k, width = self.num_classes, self.grid.width
+        self._labels = np.zeros((done_h, width), index_dtype(k))
+        self._valid = np.zeros((done_h, width), bool)
+        self._sums = np.zeros((k, done_h, width), np.float32) if self.keep_logits else None
+        self._next_carry = np.zeros((k, h - done_h, width), np.float32)
+        self._next_carry_valid = np.zeros((h - done_h, width), bool)
+        self._col_carry = np.zeros((k, h, 0), np.float32)
+        self._col_carry_valid = np.zeros((h, 0), bool)
+
+    def _held_nbytes(self) -> int:
+        arrays = [
+            self._row_carry, self._row_carry_valid, self._next_carry, self._next_carry_valid,
+            self._col_carry, self._col_carry_valid, self._labels, self._valid,
+        ]
+        if self._sums is not None:
+            arrays.append(self._sums)
+        return sum(a.nbytes for a in arrays)

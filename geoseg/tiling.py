@@ -1,9 +1,11 @@
 """Tile grids over a scene and the taper that blends overlapping tiles (numpy only).
 
-The grid follows the slide-window scheme of NVlabs SegFormer's ``slide_inference``: tiles step
-by ``tile - overlap``, and the last row and column are shifted back inside the scene rather
-than dropped or padded, so every tile except those of a scene smaller than one tile is read
-fully from real pixels.
+Like NVlabs SegFormer's ``slide_inference``, tiles step by at most ``tile - overlap`` and the
+last row and column end exactly at the scene edge rather than being dropped or padded, so every
+tile except those of a scene smaller than one tile is read fully from real pixels. Unlike it,
+the slack is spread evenly over all steps instead of shifting only the last tile back: every
+overlap is then close to the requested one, so the blender's carried overlap stays small
+(one last tile overlapping its neighbour by up to a whole tile would set its size).
 """
 
 from __future__ import annotations
@@ -17,16 +19,16 @@ import numpy.typing as npt
 def tile_starts(length_px: int, tile_px: int, overlap_px: int) -> list[int]:
     """Offsets of the tiles along one axis of ``length_px`` pixels.
 
-    Consecutive tiles share at least ``overlap_px`` pixels; the last tile ends exactly at the
-    scene edge. An axis shorter than one tile gets a single tile at 0 (padded by the reader).
+    As few tiles as keep every step at most ``tile_px - overlap_px`` (so neighbours share at
+    least ``overlap_px`` pixels), the first at 0 and the last ending exactly at the scene edge,
+    with the steps as even as integers allow. An axis shorter than one tile gets a single tile
+    at 0 (padded by the reader).
     """
     if length_px <= tile_px:
         return [0]
-    stride = tile_px - overlap_px
-    starts = list(range(0, length_px - tile_px + 1, stride))
-    if starts[-1] + tile_px < length_px:
-        starts.append(length_px - tile_px)  # shifted inward, overlapping its neighbour a bit more
-    return starts
+    span = length_px - tile_px
+    steps = -(-span // (tile_px - overlap_px))
+    return [i * span // steps for i in range(steps + 1)]
 
 
 @dataclass(frozen=True)
@@ -74,16 +76,6 @@ class TileGrid:
         for r, y in enumerate(self.row_starts):
             for c, x in enumerate(cols):
                 yield Tile(index=r * len(cols) + c, row=r, col=c, y=y, x=x, size=self.tile_px)
-
-    def first_row_needed_after(self, tile: Tile) -> int:
-        """The top scene row that tiles after ``tile`` still touch (``height`` if none).
-
-        Rows above it are final once ``tile`` and all before it are blended.
-        """
-        rows = self.row_starts
-        if tile.col == len(self.col_starts) - 1:
-            return rows[tile.row + 1] if tile.row + 1 < len(rows) else self.height
-        return rows[tile.row]
 
 
 def taper_1d(size_px: int, floor: float) -> npt.NDArray[np.float32]:

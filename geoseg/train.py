@@ -1192,8 +1192,8 @@ def predict_region(
     import torch
     import torch.nn.functional as F
 
-    from .blend import LogitAccumulator
-    from .tiling import TileGrid, taper_2d
+    from .blend import TileBlender
+    from .tiling import TileGrid
 
     height, width = int(bbox.height), int(bbox.width)
     top, left = int(bbox.row_off), int(bbox.col_off)
@@ -1201,15 +1201,11 @@ def predict_region(
     if small < tile_px:
         tile_px, overlap_px = small, 0
     grid = TileGrid(height, width, tile_px, overlap_px)
-    floor = 0.1
-    taper = taper_2d(grid.tile_px, floor)
-    acc = LogitAccumulator(
-        num_classes, height, width, grid.tile_px, grid.row_starts, grid.col_starts, grid.tile_px, floor
-    )
+    blender = TileBlender(grid, num_classes, taper_floor=0.1)
 
-    def finished(until: int):
-        for block in acc.pop_until(until):
-            labels = block.labels().astype(np.uint8)
+    def finished(bands):
+        for block in bands:
+            labels = block.labels.astype(np.uint8)
             labels[~block.valid] = IGNORE
             yield Window(left, top + block.row, width, labels.shape[0]), labels
 
@@ -1238,9 +1234,8 @@ def predict_region(
         )
         logits = logits.cpu().numpy()
         for tile, tile_logits, valid, (h, w) in zip(chunk, logits, valids, extents, strict=True):
-            yield from finished(grid.row_starts[tile.row])
-            acc.add(tile.y, tile.x, tile_logits[:, :h, :w], taper[:h, :w], valid)
-    yield from finished(height)
+            yield from finished(blender.add(tile, tile_logits[:, :h, :w], valid))
+    yield from finished(blender.finish())
 
 
 def _write_checkpoint(

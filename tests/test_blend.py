@@ -1,4 +1,4 @@
-"""Rolling logit blend: exact weighted averages, no darkened border, rows out once and in order."""
+"""Tile-by-tile logit blend: exact weighted averages, no darkened border, rows out once and in order."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from geoseg.blend import LogitAccumulator, argmax_classes, weight_sum_1d
+from geoseg.blend import TileBlender, argmax_classes, weight_sum_1d
 from geoseg.tiling import Tile, TileGrid, taper_1d, taper_2d
 
 TileLogits = Callable[[Tile, int, int], np.ndarray]
@@ -23,17 +23,15 @@ def blend(
     *,
     valid: np.ndarray | None = None,
     skip: Callable[[Tile], bool] = lambda tile: False,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, LogitAccumulator]:
-    """Drive a LogitAccumulator tile by tile, as the pipeline does.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, TileBlender]:
+    """Drive a TileBlender (keeping logits) and one that does not, tile by tile, as the pipeline does.
 
     Returns the blended logits ``(K, H, W)``, labels and validity gathered from the finished rows,
-    and the accumulator. Checks that rows come out once each, in order.
+    and the blender. Checks that rows come out once each, in order, and that both blenders agree.
     """
     height, width = grid.height, grid.width
-    taper = taper_2d(grid.tile_px, floor)
-    acc = LogitAccumulator(
-        num_classes, height, width, grid.tile_px, grid.row_starts, grid.col_starts, grid.tile_px, floor
-    )
+    blender = TileBlender(grid, num_classes, floor, keep_logits=True)
+    labels_only = TileBlender(grid, num_classes, floor)
     logits = np.full((num_classes, height, width), np.nan, np.float32)
     labels = np.full((height, width), -1, np.int64)
     valid_out = np.zeros((height, width), bool)
@@ -41,29 +39,33 @@ def blend(
         valid = np.ones((height, width), bool)
     next_row = 0
 
-    def emit(until: int) -> None:
+    def gather(bands: list, plain: list) -> None:
         nonlocal next_row
-        for finished in acc.pop_until(until):
-            n = finished.sums.shape[1]
+        assert len(bands) == len(plain)
+        for finished, other in zip(bands, plain, strict=True):
+            n = finished.height
             assert finished.row == next_row, "finished rows must come out in order, each once"
             assert finished.sums.shape == (num_classes, n, width)
-            assert finished.valid.shape == (n, width)
+            assert finished.valid.shape == finished.labels.shape == (n, width)
+            assert other.sums is None and other.row == finished.row
+            np.testing.assert_array_equal(other.labels, finished.labels)
+            np.testing.assert_array_equal(other.valid, finished.valid)
             rows = slice(finished.row, finished.row + n)
             logits[:, rows] = finished.logits()
-            labels[rows] = finished.labels()
+            labels[rows] = finished.labels
             valid_out[rows] = finished.valid
             next_row += n
 
     for tile in grid:
         if skip(tile):
             continue
-        emit(grid.row_starts[tile.row])
         h, w = min(tile.size, height - tile.y), min(tile.size, width - tile.x)
         tile_valid = valid[tile.y : tile.y + h, tile.x : tile.x + w]
-        acc.add(tile.y, tile.x, tile_logits(tile, h, w), taper[:h, :w], tile_valid)
-    emit(height)
+        values = tile_logits(tile, h, w)
+        gather(blender.add(tile, values, tile_valid), labels_only.add(tile, values, tile_valid))
+    gather(blender.finish(), labels_only.finish())
     assert next_row == height, "every row must come out"
-    return logits, labels, valid_out, acc
+    return logits, labels, valid_out, labels_only
 
 
 @st.composite
@@ -132,14 +134,19 @@ def test_weight_sum_matches_brute_force(grid: TileGrid, floor: float, data: st.D
     assert (got > 0).all(), "every pixel of the scene is covered with a positive weight"
 
 
-def test_live_size_does_not_depend_on_the_scene_height() -> None:
-    sizes = []
-    for height in (100, 1000, 10_000):
-        grid = TileGrid(height, 300, 64, 16)
-        acc = LogitAccumulator(5, height, 300, 64, grid.row_starts, grid.col_starts, 64, 0.1)
-        sizes.append((acc.nbytes, acc.capacity_rows))
-    assert sizes[0] == sizes[1] == sizes[2]
-    assert sizes[0][1] == 64
+@pytest.mark.parametrize("tile", [64, 128])
+@pytest.mark.parametrize("height", [100, 1000, 10_000])
+def test_live_size_depends_on_the_overlap_and_width_not_on_the_scene_height(height: int, tile: int) -> None:
+    k, width = 5, 1000
+    grid = TileGrid(height, width, tile, 16)
+    _, _, _, blender = blend(grid, k, lambda t, h, w: np.ones((k, h, w), np.float32), 0.1)
+    most_shared_rows = tile - int(np.diff([*grid.row_starts, height - tile]).min(initial=tile))
+    # The row carry and the one being built (K float32 + validity per pixel, overlap rows high),
+    # the column carry (tile high), and the tile row's class indexes and validity (1 byte each).
+    bound = 2 * (k * 4 + 1) * most_shared_rows * width + (k * 4 + 1) * tile * tile + 2 * tile * width
+    assert blender.nbytes <= bound
+    if height > 10 * tile:  # (a short scene's few tile rows may overlap by much more than asked)
+        assert blender.nbytes < k * tile * width * 4 * 0.75, "well under the K x tile x width float band of a tile row"
 
 
 def test_rows_no_tile_touched_come_out_invalid() -> None:
@@ -166,16 +173,21 @@ def test_validity_is_the_union_over_tiles() -> None:
     np.testing.assert_array_equal(valid_out, valid)
 
 
-def test_adding_outside_the_held_band_is_refused() -> None:
+def test_tiles_out_of_grid_order_are_refused() -> None:
     grid = TileGrid(300, 64, 64, 16)
-    acc = LogitAccumulator(2, 300, 64, 64, grid.row_starts, grid.col_starts, 64, 0.1)
-    ones = np.ones((2, 64, 64), np.float32)
-    taper = taper_2d(64, 0.1)
-    with pytest.raises(AssertionError, match="outside the held band"):
-        acc.add(48, 0, ones, taper, np.ones((64, 64), bool))  # rows 48..112 but only 0..64 held
-    list(acc.pop_until(100))
-    with pytest.raises(AssertionError, match="outside the held band"):
-        acc.add(48, 0, ones, taper, np.ones((64, 64), bool))  # rows above the band are gone
+    blender = TileBlender(grid, 2, 0.1)
+    tiles = list(grid)
+    ones, valid = np.ones((2, 64, 64), np.float32), np.ones((64, 64), bool)
+    blender.add(tiles[2], ones, valid)
+    with pytest.raises(AssertionError, match="grid order"):
+        blender.add(tiles[1], ones, valid)
+
+
+def test_a_tile_of_the_wrong_size_is_refused() -> None:
+    grid = TileGrid(100, 70, 64, 16)  # columns 0 and 6: the tiles are 64 wide
+    blender = TileBlender(grid, 2, 0.1)
+    with pytest.raises(AssertionError, match=r"needs \(2, 64, 64\) logits"):
+        blender.add(next(iter(grid)), np.ones((2, 64, 70), np.float32), np.ones((64, 70), bool))
 
 
 @settings(max_examples=150, deadline=None)

@@ -19,14 +19,13 @@ from hypothesis import strategies as st
 import geoseg
 import geoseg.io
 import geoseg.pipeline
-from geoseg.blend import LogitAccumulator
+from geoseg.blend import TileBlender
 from geoseg.config import PredictConfig
 from geoseg.errors import ConfigError, GeoreferenceWarning, InputError, NodataWarning, OutputError
 from geoseg.inference import TilePredictor, resolve_precision
 from geoseg.io import SceneReader, open_scene
 from geoseg.modelfile import ClassSpec, Normalization
 from geoseg.pipeline import plan_grid, predict_scene
-from geoseg.tiling import taper_2d
 
 GEOGRAPHIC = ("EPSG:4326", Affine(0.0001, 0.0, -75.5, 0.0, -0.0001, 40.2))
 PROJECTED = ("EPSG:32618", Affine(10.0, 0.0, 500000.0, 0.0, -10.0, 4200000.0))
@@ -190,23 +189,19 @@ def test_blended_logits_equal_whole_image_logits(
     scene = open_scene(src, meta)
     grid = plan_grid(scene, meta, PredictConfig(tile=tile, overlap=overlap))
     predictor = TilePredictor(model.module, torch.device("cpu"), "fp32", grid.tile_px, max_batch=1)
-    taper = taper_2d(grid.tile_px, 0.1)
-    acc = LogitAccumulator(
-        3, height, width, grid.tile_px, grid.row_starts, grid.col_starts, grid.tile_px, 0.1
-    )
+    blender = TileBlender(grid, 3, 0.1, keep_logits=True)
     blended = np.full((3, height, width), np.nan, np.float32)
 
-    def emit(row: int) -> None:
-        for finished in acc.pop_until(row):
-            blended[:, finished.row : finished.row + finished.sums.shape[1]] = finished.logits()
+    def emit(bands: list) -> None:
+        for finished in bands:
+            blended[:, finished.row : finished.row + finished.height] = finished.logits()
 
     with SceneReader(scene, *meta.normalization.multiplier_and_bias()) as reader:
         for t in grid:
             pixels, valid, h, w = reader.read_tile(t.y, t.x, t.size)
             logits = predictor.predict(pixels[None])[0]
-            emit(grid.row_starts[t.row])
-            acc.add(t.y, t.x, logits[:, :h, :w], taper[:h, :w], valid[:h, :w])
-    emit(height)
+            emit(blender.add(t, logits[:, :h, :w], valid[:h, :w]))
+    emit(blender.finish())
     with rasterio.open(src) as s:
         whole = pointwise_logits(model, s.read(), np.ones((height, width), bool))
     np.testing.assert_allclose(blended, whole, rtol=1e-5, atol=1e-5)
@@ -484,32 +479,34 @@ def test_destination_equal_to_source_is_refused(make_scene, tiny_loaded_model) -
 # --- bounded memory, windowed reads ------------------------------------------------------------------
 
 
-def test_accumulator_size_does_not_depend_on_scene_height(
+def test_blending_state_does_not_depend_on_scene_height(
     tmp_path: Path, make_scene, tiny_loaded_model, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seen: list[dict[str, Any]] = []
 
-    class Recording(LogitAccumulator):
+    class Recording(TileBlender):
         def __init__(self, *args: Any, **kwargs: Any):
             super().__init__(*args, **kwargs)
-            self.record = {"nbytes": self.nbytes, "capacity": self.capacity_rows, "late": 0, "adds": 0}
+            self.record = {"adds": 0, "late": 0}
             seen.append(self.record)
 
-        def add(self, y: int, x: int, logits: Any, taper: Any, valid: Any) -> None:
-            # Rows above a tile are final once it arrives: they must already be handed out.
-            self.record["late"] += self.origin != y
+        def add(self, tile: Any, logits: Any, valid: Any) -> list:
+            bands = super().add(tile, logits, valid)
+            # A tile row's rows come out with its last tile, not later.
+            self.record["late"] += bool(bands) != (tile.col == len(self.grid.col_starts) - 1)
             self.record["adds"] += 1
-            super().add(y, x, logits, taper, valid)
-            self.record["nbytes"] = max(self.record["nbytes"], self.nbytes)
+            self.record["nbytes"] = self.nbytes
+            return bands
 
-    monkeypatch.setattr(geoseg.pipeline, "LogitAccumulator", Recording)
-    for height in (150, 600):
+    monkeypatch.setattr(geoseg.pipeline, "TileBlender", Recording)
+    # 64 px tiles overlapping by 16, on heights whose tile rows step by exactly 48 px: the same
+    # overlap on both, so the blending state must be the same size.
+    for height in (64 + 48 * 2, 64 + 48 * 11):
         src = make_scene(f"h{height}.tif", width=90, height=height, dtype="uint8")
         run(src, tmp_path / f"out{height}.tif", tiny_loaded_model, tile=64, overlap=16)
     short, tall = seen
     assert tall["adds"] > 3 * short["adds"]
     assert short["nbytes"] == tall["nbytes"]
-    assert short["capacity"] == tall["capacity"] == 64
     assert short["late"] == tall["late"] == 0
 
 
