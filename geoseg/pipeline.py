@@ -45,7 +45,7 @@ DEFAULT_MODEL_NAME = "default.safetensors"
 # NOTE: GDAL's block cache defaults to 5 % of RAM and would grow with the scene; a cap keeps
 # memory flat. It must hold the input blocks of the tile rows in flight, or blocks are decoded (and
 # remote ones fetched) twice: at least this much, more for wide scenes (see block_cache_bytes).
-GDAL_CACHE_MB = 64
+GDAL_CACHE_MB = 16
 # GDAL settings for reading remote files in windows; a variable of the same name in the
 # environment wins. GDAL doubles the retry delay after each retry (with some jitter).
 REMOTE_GDAL_OPTIONS: dict[str, Any] = {
@@ -241,15 +241,19 @@ def gdal_options() -> dict[str, Any]:
 
 
 def block_cache_bytes(scene: Scene, grid: TileGrid, block_rows: int | None = None) -> int:
-    """A GDAL block cache that holds the input blocks of the tile rows in flight.
+    """A GDAL block cache just big enough that each input block is decoded (or fetched) once.
 
-    The reader works one tile row ahead at most, so the rows in flight span a tile and a
-    stride, widened by up to a block at either end; a VRT band stack caches its own blocks
+    Tiles are read row by row, left to right, so a tile row touches ``ceil(tile / block) + 1``
+    rows of blocks across the whole width, and the next tile row needs the lowest of them again.
+    The cache (least recently used out first) must hold all of them, plus half a block row of slack
+    for the output blocks written through the same cache; measured on a 8192 px wide scene with
+    256 px tiles and blocks, a cache of exactly two block rows already decoded some blocks twice
+    (tile scan 2.45 s against 2.03 s), 2.5 rows did not. A VRT band stack caches its own blocks
     beside its sources', hence the factor 2 for VRTs. At least ``GDAL_CACHE_MB``, at most a
-    quarter of the machine's memory. Anything larger only grows memory with the scene's width.
+    quarter of the machine's memory: anything larger only grows memory with the scene's width.
     """
     block_rows = block_rows or 256  # GeoTIFF's usual block; a VRT does not tell its sources'
-    rows = grid.tile_px + (grid.tile_px - grid.overlap_px) + 2 * block_rows
+    rows = (-(-grid.tile_px // block_rows) + 1) * block_rows + block_rows // 2
     itemsize = np.dtype(scene.dtype).itemsize
     copies = 2 if scene.path.lstrip().startswith("<") else 1
     needed = copies * scene.width * min(rows, scene.height) * len(scene.band_indexes) * itemsize

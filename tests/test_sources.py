@@ -306,11 +306,13 @@ def test_block_cache_holds_the_tile_rows_in_flight(make_scene, tiny_metadata) ->
     assert block_cache_bytes(scene, plan_grid(scene, meta, PredictConfig())) == GDAL_CACHE_MB << 20
     wide = type(scene)(**{**scene.__dict__, "width": 40_000, "height": 40_000})
     grid = plan_grid(wide, meta, PredictConfig(tile=512, overlap=64))
-    # 40000 px x (512 + 448 + 2 x 1024 rows) x 4 bands x 2 bytes, well above the floor
-    assert block_cache_bytes(wide, grid, block_rows=1024) == min(40_000 * 3008 * 4 * 2, _memory() // 4)
+    # a 512 px tile row touches two rows of 1024 px blocks: 40000 px x 2.5 x 1024 rows x 4 bands x
+    # 2 bytes, well above the floor; 256 px blocks: three block rows and a half
+    assert block_cache_bytes(wide, grid, block_rows=1024) == min(40_000 * 2560 * 4 * 2, _memory() // 4)
+    assert block_cache_bytes(wide, grid, block_rows=256) == min(40_000 * 896 * 4 * 2, _memory() // 4)
     # a VRT band stack caches its own blocks beside its sources': twice as much
     stack = type(scene)(**{**wide.__dict__, "path": "<VRTDataset/>"})
-    assert block_cache_bytes(stack, grid, block_rows=1024) == min(2 * 40_000 * 3008 * 4 * 2, _memory() // 4)
+    assert block_cache_bytes(stack, grid, block_rows=1024) == min(2 * 40_000 * 2560 * 4 * 2, _memory() // 4)
 
 
 def _memory() -> int:
