@@ -10,8 +10,9 @@ Tiles arrive in row-major grid order. Once tile ``(r, c)`` is added, the pixels 
 above the next tile row and left of the next tile column are final: they are reduced to class
 indexes at once. What later tiles still touch is carried: the tile's right edge to the next
 tile (a column carry, tile-sized) and its bottom edge to the next tile row (a row carry, as
-wide as the scene but only as tall as the overlap). So the float state is about
-``K x overlap x width``, not ``K x tile x width``, and never depends on the scene's height.
+wide as the scene but only as tall as the overlap, read and rewritten in place). So the float
+state is about ``K x overlap x width``, not ``K x tile x width``, and never depends on the
+scene's height.
 The finished rows of a tile row come out together, in order.
 """
 
@@ -130,9 +131,15 @@ class TileBlender:
         self._cols = grid.col_starts
         self._col_weights = weight_sum_1d(self._cols, grid.tile_px, taper_floor, grid.width, 0, grid.width)
         self._next = 0  # grid index of the next tile position to blend
-        empty = np.zeros((num_classes, 0, grid.width), np.float32)
-        # Sums (and validity) of rows the next tile row shares with the ones blended so far.
-        self._row_carry, self._row_carry_valid = empty, np.zeros((0, grid.width), bool)
+        # Sums (and validity) of the rows the next tile row shares with those blended so far, in
+        # one buffer as tall as the largest overlap between tile rows. A tile row reads its
+        # incoming rows and writes its outgoing ones in place: tile c writes only columns left
+        # of the next tile, which it (or an earlier tile) has already read.
+        shared = max([y + grid.tile_px - below for y, below in zip(self._rows, self._rows[1:])], default=0)
+        shared = max(shared, 0)
+        self._carry = np.zeros((num_classes, shared, grid.width), np.float32)
+        self._carry_valid = np.zeros((shared, grid.width), bool)
+        self._carry_in = 0  # rows of the buffer that hold what earlier tile rows left for this one
         self._peak_nbytes = 0
 
     @property
@@ -186,17 +193,17 @@ class TileBlender:
         window[:, :, :carried] += self._col_carry
         window_valid[:, :carried] |= self._col_carry_valid
         # ... and what the tile rows above left on its top edge, for the columns new to this row.
-        above = self._row_carry.shape[1]
-        window[:, :above, carried:] += self._row_carry[:, :, x + carried : x + w]
-        window_valid[:above, carried:] |= self._row_carry_valid[:, x + carried : x + w]
+        above = self._carry_in
+        window[:, :above, carried:] += self._carry[:, :above, x + carried : x + w]
+        window_valid[:above, carried:] |= self._carry_valid[:above, x + carried : x + w]
 
         done = window[:, :done_h, :done_w]
         self._labels[:, x : x + done_w] = argmax_classes(done)
         self._valid[:, x : x + done_w] = window_valid[:done_h, :done_w]
         if self._sums is not None:
             self._sums[:, :, x : x + done_w] = done
-        self._next_carry[:, :, x : x + done_w] = window[:, done_h:, :done_w]
-        self._next_carry_valid[:, x : x + done_w] = window_valid[done_h:, :done_w]
+        self._carry[:, : h - done_h, x : x + done_w] = window[:, done_h:, :done_w]
+        self._carry_valid[: h - done_h, x : x + done_w] = window_valid[done_h:, :done_w]
         self._col_carry = window[:, :, done_w:].copy()
         self._col_carry_valid = window_valid[:, done_w:].copy()
         self._next = index + 1
@@ -211,25 +218,20 @@ class TileBlender:
             row_weights=weight_sum_1d(rows, grid.tile_px, self._floor, grid.height, y, y + done_h),
             col_weights=self._col_weights,
         )
-        self._row_carry, self._row_carry_valid = self._next_carry, self._next_carry_valid
+        self._carry_in = h - done_h
         return [band]
 
     def _start_tile_row(self, done_h: int, h: int) -> None:
-        """Fresh arrays for a tile row's finished rows and for what it leaves to the next row."""
+        """Fresh arrays for a tile row's finished rows (handed out, never reused) and an empty column carry."""
         k, width = self.num_classes, self.grid.width
         self._labels = np.zeros((done_h, width), index_dtype(k))
         self._valid = np.zeros((done_h, width), bool)
         self._sums = np.zeros((k, done_h, width), np.float32) if self.keep_logits else None
-        self._next_carry = np.zeros((k, h - done_h, width), np.float32)
-        self._next_carry_valid = np.zeros((h - done_h, width), bool)
         self._col_carry = np.zeros((k, h, 0), np.float32)
         self._col_carry_valid = np.zeros((h, 0), bool)
 
     def _held_nbytes(self) -> int:
-        arrays = [
-            self._row_carry, self._row_carry_valid, self._next_carry, self._next_carry_valid,
-            self._col_carry, self._col_carry_valid, self._labels, self._valid,
-        ]
+        arrays = [self._carry, self._carry_valid, self._col_carry, self._col_carry_valid, self._labels, self._valid]
         if self._sums is not None:
             arrays.append(self._sums)
         return sum(a.nbytes for a in arrays)
