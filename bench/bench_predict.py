@@ -3,7 +3,7 @@
 Prints figures; asserts nothing. Run from the repository root:
 
     python bench/bench_predict.py                      # bundled model, 8192 px scene, RSS on 2048 and 8192 px
-    python bench/bench_predict.py --model m.safetensors --scene-px 4096 --rss 2048,8192
+    python bench/bench_predict.py --model m.safetensors --scene-px 4096 --rss 2048,8192 --repeat 5
 
 (a) model only: the network on random tiles already in memory (no reading, blending, writing),
     converted to unique megapixels per second with the scene's own tile grid (each tile counts
@@ -12,6 +12,10 @@ Prints figures; asserts nothing. Run from the repository root:
     Landsat 8 scene, built by bench/scenes.py), wall clock including start-up (import, model
     load), so use a big scene (default 8192 px) for the ratio.
 Peak RSS is each ``geoseg predict`` child's own VmHWM (bench/peak.py says why not ``os.wait4``).
+
+Shared machines drift: (a) and (b) are measured in turn, ``--repeat`` times, and the ratio is
+taken pair by pair; medians are quoted, with the range. The model alone runs with the same
+malloc settings as the CLI (geoseg/_malloc.py), its fastest: the ratio is against its best.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -29,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peak import run_with_peak  # noqa: E402
 from scenes import OUT, build_mosaic  # noqa: E402
 
+from geoseg._malloc import reuse_freed_memory  # noqa: E402
 from geoseg.config import PredictConfig  # noqa: E402
 from geoseg.inference import resolve_device, resolve_precision  # noqa: E402
 from geoseg.io import open_scene  # noqa: E402
@@ -78,10 +84,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--seconds", type=float, default=20.0, help="time spent on the model-only figure")
+    parser.add_argument("--seconds", type=float, default=15.0, help="time spent on the model-only figure")
     parser.add_argument("--rss", default="2048,8192", help="scene edges for the peak-RSS figures ('' to skip)")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds of (a), (b) and the RSS runs")
     args = parser.parse_args()
 
+    reuse_freed_memory()
     model_path = args.model or default_model_path()
     model = load_model(model_path)
     config = PredictConfig(
@@ -100,26 +108,43 @@ def main() -> None:
         f"settings: device {device}, precision {precision}, tile {grid.tile_px}, overlap {grid.overlap_px}, "
         f"batch {config.batch_size}; scene {checked.width}x{checked.height} = {len(grid)} tiles"
     )
-    tiles_per_s = model_only_tiles_per_s(model, grid.tile_px, config.batch_size, device, precision, args.seconds)
-    model_mps = tiles_per_s * unique_px_per_tile / 1e6
-    print(f"(a) model only:            {tiles_per_s:7.2f} tiles/s = {model_mps:6.3f} unique MP/s")
-
     extra = ["--batch-size", str(config.batch_size), "--precision", precision, "--device", str(device)]
     extra += ["--tile", str(grid.tile_px), "--overlap", str(grid.overlap_px)]
-    wall, peak = run_predict(scene, model_path, extra)
-    e2e_mps = checked.width * checked.height / 1e6 / wall
-    print(f"(b) geoseg predict (CLI):  {wall:7.2f} s    = {e2e_mps:6.3f} MP/s   ratio b/a = {e2e_mps / model_mps:.3f}"
-          f"   (wall clock incl. start-up; peak RSS {peak:.0f} MiB)")
-
     sizes = [int(s) for s in args.rss.split(",") if s]
-    peaks = []
+    scene_mp = checked.width * checked.height / 1e6
+    ratios, model_figures, e2e_figures = [], [], []
+    peaks: dict[int, list[float]] = {size: [] for size in sizes}
+    for run in range(1, args.repeat + 1):
+        tiles_per_s = model_only_tiles_per_s(model, grid.tile_px, config.batch_size, device, precision, args.seconds)
+        model_mps = tiles_per_s * unique_px_per_tile / 1e6
+        wall, peak = run_predict(scene, model_path, extra)
+        e2e_mps = scene_mp / wall
+        ratios.append(e2e_mps / model_mps)
+        model_figures.append(model_mps)
+        e2e_figures.append(e2e_mps)
+        print(f"run {run}: (a) model only {tiles_per_s:6.2f} tiles/s = {model_mps:.3f} unique MP/s; "
+              f"(b) geoseg predict {wall:6.2f} s = {e2e_mps:.3f} MP/s (peak RSS {peak:.0f} MiB); "
+              f"b/a = {ratios[-1]:.3f}", flush=True)
+        for size in sizes:
+            if size == args.scene_px:
+                peaks[size].append(peak)  # the same command on the same scene: no need to run it again
+                continue
+            peaks[size].append(run_predict(build_mosaic(size), model_path, extra)[1])
+    print(f"(a) model only:           {_spread(model_figures)} unique MP/s")
+    print(f"(b) geoseg predict (CLI): {_spread(e2e_figures)} MP/s (wall clock incl. start-up)")
+    print(f"ratio b/a, pair by pair:  {_spread(ratios)}")
     for size in sizes:
-        path = build_mosaic(size)
-        wall, peak = run_predict(path, model_path, extra)
-        peaks.append(peak)
-        print(f"peak RSS {size}x{size} ({size * size / 1e6:5.1f} MP): {peak:8.1f} MiB  ({wall:.1f} s)")
-    if len(peaks) >= 2:
-        print(f"peak RSS growth {sizes[0]} -> {sizes[-1]} px: {100 * (peaks[-1] / peaks[0] - 1):+.1f} %")
+        print(f"peak RSS {size}x{size} ({size * size / 1e6:5.1f} MP): {_spread(peaks[size], '.0f')} MiB")
+    if len(sizes) >= 2:
+        growth = [100 * (big / small - 1) for small, big in zip(peaks[sizes[0]], peaks[sizes[-1]])]
+        print(f"peak RSS growth {sizes[0]} -> {sizes[-1]} px, run by run: {_spread(growth, '+.1f')} %")
+
+
+def _spread(values: list[float], fmt: str = ".3f") -> str:
+    """``median (min-max)`` of the figures."""
+    ordered = sorted(values)
+    return f"{statistics.median(ordered):{fmt}} ({ordered[0]:{fmt}} to {ordered[-1]:{fmt}}, n={len(ordered)})"
+
 
 if __name__ == "__main__":
     main()

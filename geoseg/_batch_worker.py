@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -16,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from distributed import WorkerPlugin, get_worker
 
+from ._malloc import reuse_freed_memory
 from ._version import __version__
 from .batch import MAX_ATTEMPTS, attempts_file, died_message
 from .config import PredictConfig
@@ -26,11 +26,6 @@ if TYPE_CHECKING:
     from .modelfile import LoadedModel
 
 log = logging.getLogger(__name__)
-
-# glibc <malloc.h> mallopt parameters.
-M_TRIM_THRESHOLD = -1
-M_MMAP_THRESHOLD = -3
-
 
 @dataclass(frozen=True)
 class SceneJob:
@@ -67,8 +62,14 @@ class ModelCache(WorkerPlugin):
         self.__init__()  # type: ignore[misc]
 
     def setup(self, worker: Any) -> None:
-        """Called by dask in each worker process when the plugin is registered: tune malloc."""
-        restore_malloc_thresholds()
+        """Called by dask in each worker process when the plugin is registered: tune malloc.
+
+        The nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``, which also freezes glibc's
+        mmap threshold at 128 KiB: a scene took 1.5-2x as long (bench/bench_batch.py). Replaced
+        here, for the worker and for the processes it starts (CRF workers).
+        """
+        os.environ.pop("MALLOC_TRIM_THRESHOLD_", None)
+        reuse_freed_memory()
 
     def teardown(self, worker: Any) -> None:
         """Called by dask when the plugin is removed: drop the models."""
@@ -188,27 +189,6 @@ def register_attempt(output: str, worker: str) -> int:
         f.write(f"{os.getpid()} {worker} {time.time():.3f}\n")
     with open(path) as f:
         return sum(1 for _ in f)
-
-
-def restore_malloc_thresholds() -> None:
-    """Undo the small fixed malloc thresholds a dask nanny gives its workers (glibc only).
-
-    The nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``, which also freezes glibc's
-    mmap threshold at 128 KiB: every tile-sized array is then a fresh mmap and page faults, and a
-    scene took 1.5-2x as long (bench/bench_batch.py). Thresholds like glibc's own dynamic ones
-    (32 MiB mmap, 64 MiB trim) bring the speed back; memory is still returned to the OS.
-    """
-    if "MALLOC_TRIM_THRESHOLD_" not in os.environ or not sys.platform.startswith("linux"):
-        return
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
-        libc.mallopt(M_TRIM_THRESHOLD, 64 << 20)
-    except (OSError, AttributeError):  # not glibc (musl): nothing to undo
-        log.debug("mallopt unavailable; malloc thresholds left as they are")
 
 
 def _worker_device(device: str, worker_name: Any) -> str:
