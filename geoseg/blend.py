@@ -136,7 +136,6 @@ class TileBlender:
         # incoming rows and writes its outgoing ones in place: tile c writes only columns left
         # of the next tile, which it (or an earlier tile) has already read.
         shared = max([y + grid.tile_px - below for y, below in zip(self._rows, self._rows[1:])], default=0)
-        shared = max(shared, 0)
         self._carry = np.zeros((num_classes, shared, grid.width), np.float32)
         self._carry_valid = np.zeros((shared, grid.width), bool)
         self._carry_in = 0  # rows of the buffer that hold what earlier tile rows left for this one
