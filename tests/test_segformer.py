@@ -142,10 +142,12 @@ def test_decode_head_matches_unfused_reference():
             y = F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, eps=bn.eps)
         return head.classifier(F.relu(y))
 
+    # atol 1e-4: the tiny running variances amplify rounding ~300x, and AVX-512 kernels sum in
+    # another order than AVX2 ones (3e-5 seen on a Xeon); a misplaced eps is off by far more.
     with torch.no_grad():
-        torch.testing.assert_close(head(features), reference(training=False), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(head(features), reference(training=False), rtol=1e-4, atol=1e-4)
         head.train()
-        torch.testing.assert_close(head(features), reference(training=True), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(head(features), reference(training=True), rtol=1e-4, atol=1e-4)
 
 
 # --------------------------------------------------------------------------- training behaviour
