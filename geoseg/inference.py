@@ -1,13 +1,18 @@
 """Run a segmentation network over batches of tiles on CPU or CUDA.
 
 The CUDA path streams: host batches go through pinned buffers with non-blocking copies, and
-results come back one batch late, so the GPU computes batch ``i + 1`` while the CPU blends
-batch ``i`` and the reader prepares batch ``i + 2``. On the CPU the same code runs
-synchronously.
+results come back one batch late, so the CPU queues batch ``i + 1`` before it handles batch
+``i``, and the reader prepares batch ``i + 2``. With ``logits_on_device`` the logits stay on the
+GPU (geoseg's blender runs there); otherwise they come back through pinned buffers. On the CPU
+the same code runs synchronously.
+
+On CUDA, ``fp32`` means fp32: cuDNN's TF32 convolutions (on by default in PyTorch) are turned
+off around the forward pass, so the class map matches the CPU's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -116,6 +121,8 @@ class TilePredictor:
         compile: Wrap the network in ``torch.compile`` (the first batch compiles: about a minute
             for B0 on a CPU, which needs a C++ compiler). A module with a ``fixed_precision``
             attribute (an ONNX runtime session) is never compiled.
+        logits_on_device: On CUDA, :meth:`stream` yields the logits as tensors on the GPU
+            instead of host arrays (for a blender on the GPU). Ignored on the CPU.
 
     A module with a ``fixed_precision`` attribute runs at that precision whatever is asked
     (``self.precision`` says which); autocast cannot reach into it.
@@ -130,6 +137,7 @@ class TilePredictor:
         max_batch: int,
         channels_last: bool = False,
         compile: bool = False,
+        logits_on_device: bool = False,
     ):
         fixed = getattr(module, "fixed_precision", None)
         if fixed is not None and fixed != precision:
@@ -147,15 +155,18 @@ class TilePredictor:
         self._autocast = precision != "fp32"
         self._dtype = _DTYPES[precision]
         self._cuda = device.type == "cuda"
+        self.logits_on_device = logits_on_device and self._cuda
         self._pinned_in: list[torch.Tensor] = []
         self._pinned_out: list[torch.Tensor] = []
+        self._copied: list[Any] = [None, None]  # per pinned input buffer: its last copy to the GPU
         self._max_batch = max_batch
         self._launches = 0
 
-    def stream(self, batches: Iterable[TileBatch]) -> Iterator[tuple[TileBatch, npt.NDArray[np.float32]]]:
+    def stream(self, batches: Iterable[TileBatch]) -> Iterator[tuple[TileBatch, Any]]:
         """Yield ``(batch, logits (N, K, T, T) float32)`` in order, one batch behind the launch.
 
-        Each logits array may be reused after the next item is requested: consume it first.
+        Logits are a host array, or a tensor on the GPU with ``logits_on_device``. Each may be
+        reused after the next item is requested: consume it first.
         """
         pending: tuple[TileBatch, Any] | None = None
         for batch in batches:
@@ -167,8 +178,9 @@ class TilePredictor:
             yield pending[0], self._collect(pending[1])
 
     def predict(self, pixels: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-        """Logits ``(N, K, T, T)`` for one batch, synchronously (tests and benchmarks)."""
-        return self._collect(self._launch(TileBatch(pixels, [], [], []))).copy()
+        """Logits ``(N, K, T, T)`` for one batch as a host array, synchronously (tests and benchmarks)."""
+        logits = self._collect(self._launch(TileBatch(pixels, [], [], [])))
+        return logits.cpu().numpy() if isinstance(logits, torch.Tensor) else logits.copy()
 
     @torch.inference_mode()
     def _launch(self, batch: TileBatch) -> Any:
@@ -180,18 +192,24 @@ class TilePredictor:
             if not self._pinned_in:
                 shape = (self._max_batch, *batch.pixels.shape[1:])
                 self._pinned_in = [torch.empty(shape, dtype=torch.float32).pin_memory() for _ in range(2)]
+            if self._copied[slot] is not None:
+                self._copied[slot].synchronize()  # the GPU has read what this buffer held two batches ago
             staged = self._pinned_in[slot][:n]
             staged.copy_(host)
             inputs = staged.to(self.device, non_blocking=True)
+            self._copied[slot] = torch.cuda.Event()
+            self._copied[slot].record()
         else:
             inputs = host
         inputs = inputs.contiguous(memory_format=self._memory_format)
-        with torch.autocast(self.device.type, dtype=self._dtype, enabled=self._autocast):
+        with self._fp32_means_fp32(), torch.autocast(self.device.type, dtype=self._dtype, enabled=self._autocast):
             logits = self.module(inputs)
         # (N, K, T/4, T/4) -> (N, K, T, T)
         logits = F.interpolate(logits.float(), size=(self.tile_px, self.tile_px), mode="bilinear", align_corners=False)
         if not self._cuda:
             return logits.contiguous()
+        if self.logits_on_device:
+            return logits.contiguous(), None  # later work on the same stream waits for it
         if not self._pinned_out:
             shape = (self._max_batch, *logits.shape[1:])
             self._pinned_out = [torch.empty(shape, dtype=torch.float32).pin_memory() for _ in range(2)]
@@ -201,9 +219,20 @@ class TilePredictor:
         done.record()
         return out, done
 
-    def _collect(self, launched: Any) -> npt.NDArray[np.float32]:
+    def _collect(self, launched: Any) -> Any:
         if self._cuda:
             out, done = launched
+            if done is None:
+                return out
             done.synchronize()
             return out.numpy()
         return launched.numpy()
+
+    def _fp32_means_fp32(self) -> Any:
+        """On CUDA in fp32, cuDNN convolutions without TF32 (PyTorch allows it by default); else nothing."""
+        if not (self._cuda and self.precision == "fp32"):
+            return contextlib.nullcontext()
+        cudnn = torch.backends.cudnn
+        return cudnn.flags(
+            enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic, allow_tf32=False
+        )
