@@ -14,12 +14,17 @@ wide as the scene but only as tall as the overlap, read and rewritten in place).
 state is about ``K x overlap x width``, not ``K x tile x width``, and never depends on the
 scene's height.
 The finished rows of a tile row come out together, in order.
+
+The same algorithm runs on numpy arrays (the CPU path) or on torch tensors on a GPU
+(``device=``): there the logits never leave the GPU; only the finished rows' class indexes and
+validity (and logit sums, if kept) are copied back, once per tile row.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -61,6 +66,61 @@ def argmax_classes(scores: npt.NDArray[np.float32]) -> npt.NDArray[np.uint8 | np
 def index_dtype(num_classes: int) -> type[np.unsignedinteger]:
     """The smallest unsigned integer type that holds class indexes ``0 .. num_classes - 1``."""
     return np.uint8 if num_classes <= 256 else np.uint16
+
+
+class _HostArrays:
+    """numpy arrays in host memory: the CPU path."""
+
+    def zeros(self, shape: tuple[int, ...], kind: str) -> Any:
+        return np.zeros(shape, np.float32 if kind == "float" else bool)
+
+    def labels(self, shape: tuple[int, ...], num_classes: int) -> Any:
+        return np.zeros(shape, index_dtype(num_classes))
+
+    def constant(self, array: npt.NDArray[Any]) -> Any:
+        return array
+
+    def copy(self, array: Any) -> Any:
+        return array.copy()
+
+    def argmax(self, scores: Any) -> Any:
+        return argmax_classes(scores)
+
+    def to_host(self, array: Any, dtype: Any = None) -> Any:
+        return array
+
+
+class _DeviceArrays:
+    """torch tensors on ``device`` (a GPU): blending and argmax run there, next to the network."""
+
+    def __init__(self, device: Any):
+        import torch
+
+        self.torch = torch
+        self.device = torch.device(device)
+
+    def zeros(self, shape: tuple[int, ...], kind: str) -> Any:
+        dtype = self.torch.float32 if kind == "float" else self.torch.bool
+        return self.torch.zeros(shape, dtype=dtype, device=self.device)
+
+    def labels(self, shape: tuple[int, ...], num_classes: int) -> Any:
+        # NOTE: torch has no uint16 arithmetic on every build; int32 past 256 classes, narrowed on the host.
+        dtype = self.torch.uint8 if num_classes <= 256 else self.torch.int32
+        return self.torch.zeros(shape, dtype=dtype, device=self.device)
+
+    def constant(self, array: npt.NDArray[Any]) -> Any:
+        return self.torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
+
+    def copy(self, array: Any) -> Any:
+        return array.clone()
+
+    def argmax(self, scores: Any) -> Any:
+        # torch.argmax returns the first maximal index on ties, as numpy (and argmax_classes) do.
+        return self.torch.argmax(scores, dim=0)
+
+    def to_host(self, array: Any, dtype: Any = None) -> Any:
+        host = array.cpu().numpy()
+        return host if dtype is None else host.astype(dtype, copy=False)
 
 
 @dataclass
@@ -119,14 +179,25 @@ class TileBlender:
         taper_floor: The taper's floor (see :func:`geoseg.tiling.taper_1d`).
         keep_logits: Also hand out the weighted logit sums of finished rows (for probabilities
             or a CRF); costs ``K`` float32 values per pixel of a tile row.
+        device: ``None``: numpy arrays in host memory. A torch device (``"cuda:0"``): logits
+            and validity are given as tensors on it, the state lives there, and finished rows are
+            handed out as numpy arrays all the same.
     """
 
-    def __init__(self, grid: TileGrid, num_classes: int, taper_floor: float, keep_logits: bool = False):
+    def __init__(
+        self,
+        grid: TileGrid,
+        num_classes: int,
+        taper_floor: float,
+        keep_logits: bool = False,
+        device: Any = None,
+    ):
+        self._xp = _HostArrays() if device is None else _DeviceArrays(device)
         self.grid = grid
         self.num_classes = num_classes
         self.keep_logits = keep_logits
         self._floor = taper_floor
-        self._taper = taper_2d(grid.tile_px, taper_floor)
+        self._taper = self._xp.constant(taper_2d(grid.tile_px, taper_floor))
         self._rows = grid.row_starts
         self._cols = grid.col_starts
         self._col_weights = weight_sum_1d(self._cols, grid.tile_px, taper_floor, grid.width, 0, grid.width)
@@ -136,8 +207,8 @@ class TileBlender:
         # incoming rows and writes its outgoing ones in place: tile c writes only columns left
         # of the next tile, which it (or an earlier tile) has already read.
         shared = max([y + grid.tile_px - below for y, below in zip(self._rows, self._rows[1:])], default=0)
-        self._carry = np.zeros((num_classes, shared, grid.width), np.float32)
-        self._carry_valid = np.zeros((shared, grid.width), bool)
+        self._carry = self._xp.zeros((num_classes, shared, grid.width), "float")
+        self._carry_valid = self._xp.zeros((shared, grid.width), "bool")
         self._carry_in = 0  # rows of the buffer that hold what earlier tile rows left for this one
         self._peak_nbytes = 0
 
@@ -146,8 +217,15 @@ class TileBlender:
         """The most bytes of blending state held at once so far (carries and the tile row's output)."""
         return self._peak_nbytes
 
-    def add(self, tile: Tile, logits: npt.NDArray[np.float32], valid: npt.NDArray[np.bool_]) -> list[FinishedRows]:
+    @property
+    def device(self) -> Any:
+        """Where logits and validity must be given: a torch device, or ``None`` for numpy arrays."""
+        return getattr(self._xp, "device", None)
+
+    def add(self, tile: Tile, logits: Any, valid: Any) -> list[FinishedRows]:
         """Blend one tile's logits ``(K, h, w)`` and validity ``(h, w)``, cropped to the scene.
+
+        numpy arrays, or tensors on the blender's ``device``.
 
         Returns the rows this tile (or tiles skipped before it) finished, top to bottom.
         """
@@ -167,10 +245,8 @@ class TileBlender:
             finished += self._blend(self._next, None, None)
         return finished
 
-    def _blend(
-        self, index: int, logits: npt.NDArray[np.float32] | None, valid: npt.NDArray[np.bool_] | None
-    ) -> list[FinishedRows]:
-        grid, rows, cols = self.grid, self._rows, self._cols
+    def _blend(self, index: int, logits: Any, valid: Any) -> list[FinishedRows]:
+        xp, grid, rows, cols = self._xp, self.grid, self._rows, self._cols
         r, c = divmod(index, len(cols))
         y, x = rows[r], cols[c]
         h, w = min(grid.tile_px, grid.height - y), min(grid.tile_px, grid.width - x)
@@ -180,13 +256,13 @@ class TileBlender:
         if c == 0:
             self._start_tile_row(done_h, h)
         if logits is None:
-            window = np.zeros((self.num_classes, h, w), np.float32)
-            window_valid = np.zeros((h, w), bool)
+            window = xp.zeros((self.num_classes, h, w), "float")
+            window_valid = xp.zeros((h, w), "bool")
         else:
-            if logits.shape != (self.num_classes, h, w) or valid is None or valid.shape != (h, w):
+            if tuple(logits.shape) != (self.num_classes, h, w) or valid is None or tuple(valid.shape) != (h, w):
                 raise AssertionError(f"tile {index} at ({y}, {x}) needs ({self.num_classes}, {h}, {w}) logits")
             window = logits * self._taper[:h, :w]
-            window_valid = valid.copy()
+            window_valid = xp.copy(valid)
         # What earlier tiles of this row left on its left edge (the row carry already included) ...
         carried = self._col_carry.shape[2]
         window[:, :, :carried] += self._col_carry
@@ -197,23 +273,23 @@ class TileBlender:
         window_valid[:above, carried:] |= self._carry_valid[:above, x + carried : x + w]
 
         done = window[:, :done_h, :done_w]
-        self._labels[:, x : x + done_w] = argmax_classes(done)
+        self._labels[:, x : x + done_w] = xp.argmax(done)
         self._valid[:, x : x + done_w] = window_valid[:done_h, :done_w]
         if self._sums is not None:
             self._sums[:, :, x : x + done_w] = done
         self._carry[:, : h - done_h, x : x + done_w] = window[:, done_h:, :done_w]
         self._carry_valid[: h - done_h, x : x + done_w] = window_valid[done_h:, :done_w]
-        self._col_carry = window[:, :, done_w:].copy()
-        self._col_carry_valid = window_valid[:, done_w:].copy()
+        self._col_carry = xp.copy(window[:, :, done_w:])
+        self._col_carry_valid = xp.copy(window_valid[:, done_w:])
         self._next = index + 1
         self._peak_nbytes = max(self._peak_nbytes, self._held_nbytes())
         if c + 1 < len(cols):
             return []
         band = FinishedRows(
             row=y,
-            labels=self._labels,
-            valid=self._valid,
-            sums=self._sums,
+            labels=xp.to_host(self._labels, index_dtype(self.num_classes)),
+            valid=xp.to_host(self._valid),
+            sums=None if self._sums is None else xp.to_host(self._sums),
             row_weights=weight_sum_1d(rows, grid.tile_px, self._floor, grid.height, y, y + done_h),
             col_weights=self._col_weights,
         )
@@ -222,14 +298,15 @@ class TileBlender:
 
     def _start_tile_row(self, done_h: int, h: int) -> None:
         """Fresh arrays for a tile row's finished rows (handed out, never reused) and an empty column carry."""
-        k, width = self.num_classes, self.grid.width
-        self._labels = np.zeros((done_h, width), index_dtype(k))
-        self._valid = np.zeros((done_h, width), bool)
-        self._sums = np.zeros((k, done_h, width), np.float32) if self.keep_logits else None
-        self._col_carry = np.zeros((k, h, 0), np.float32)
-        self._col_carry_valid = np.zeros((h, 0), bool)
+        xp, k, width = self._xp, self.num_classes, self.grid.width
+        self._labels = xp.labels((done_h, width), k)
+        self._valid = xp.zeros((done_h, width), "bool")
+        self._sums = xp.zeros((k, done_h, width), "float") if self.keep_logits else None
+        self._col_carry = xp.zeros((k, h, 0), "float")
+        self._col_carry_valid = xp.zeros((h, 0), "bool")
 
     def _held_nbytes(self) -> int:
+        """Bytes of blending state, wherever it lives (on the GPU with ``device``)."""
         arrays = [self._carry, self._carry_valid, self._col_carry, self._col_carry_valid, self._labels, self._valid]
         if self._sums is not None:
             arrays.append(self._sums)

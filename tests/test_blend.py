@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+import torch
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -218,3 +219,57 @@ def test_finished_rows_labels_follow_the_blended_logits() -> None:
     field = np.random.default_rng(3).normal(size=(4, 70, 50)).astype(np.float32)
     logits, labels, _, _ = blend(grid, 4, lambda t, h, w: field[:, t.y : t.y + h, t.x : t.x + w], 0.1)
     np.testing.assert_array_equal(labels, np.argmax(field, axis=0))
+
+
+# --- the same blender on torch tensors (the GPU path) ---------------------------------------------------------
+
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+
+
+def finished_rows_on(device: str | None, grid: TileGrid, k: int, floor: float, keep: bool, seed: int) -> list:
+    """Every FinishedRows of a blender on ``device`` (None: numpy) fed the same seeded tiles, some skipped."""
+    rng = np.random.default_rng(seed)
+    valid = rng.random((grid.height, grid.width)) > 0.2
+    blender = TileBlender(grid, k, floor, keep_logits=keep, device=device)
+    out = []
+    for tile in grid:
+        h, w = min(tile.size, grid.height - tile.y), min(tile.size, grid.width - tile.x)
+        values = rng.normal(size=(k, h, w)).astype(np.float32)
+        if rng.random() < 0.15:
+            continue  # a skipped (all-nodata) tile
+        tile_valid = valid[tile.y : tile.y + h, tile.x : tile.x + w]
+        if device is not None:
+            values, tile_valid = torch.from_numpy(values).to(device), torch.from_numpy(tile_valid.copy()).to(device)
+        out += blender.add(tile, values, tile_valid)
+    return out + blender.finish()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@settings(max_examples=40, deadline=None)
+@given(grids(max_side=120), floors, st.booleans(), st.integers(0, 2**31 - 1))
+def test_blender_on_torch_tensors_equals_the_numpy_blender(
+    device: str, grid: TileGrid, floor: float, keep: bool, seed: int
+) -> None:
+    expected = finished_rows_on(None, grid, 5, floor, keep, seed)
+    got = finished_rows_on(device, grid, 5, floor, keep, seed)
+    assert [f.row for f in got] == [f.row for f in expected]
+    for a, b in zip(got, expected, strict=True):
+        assert isinstance(a.labels, np.ndarray) and a.labels.dtype == b.labels.dtype == np.uint8
+        np.testing.assert_array_equal(a.valid, b.valid)
+        np.testing.assert_array_equal(a.labels, b.labels)
+        if keep:  # the same float32 products and sums, in the same order
+            np.testing.assert_array_equal(a.sums, b.sums)
+            np.testing.assert_array_equal(a.logits(), b.logits())
+        else:
+            assert a.sums is None
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_blender_on_torch_tensors_past_256_classes(device: str) -> None:
+    grid = TileGrid(40, 30, 32, 8)
+    expected = finished_rows_on(None, grid, 300, 0.1, False, 4)
+    got = finished_rows_on(device, grid, 300, 0.1, False, 4)
+    for a, b in zip(got, expected, strict=True):
+        assert a.labels.dtype == np.uint16
+        np.testing.assert_array_equal(a.labels, b.labels)
+        assert len(np.unique(a.labels[a.valid])) > 100, "the check means something"
