@@ -46,6 +46,8 @@ class PredictConfig:
         compress: Compression of the output GeoTIFF.
         prefetch_batches: Batches read ahead of the model (bounded, so memory stays flat).
         threads: Intra-op CPU threads for torch; ``None`` leaves torch's default (all cores).
+        reader_threads: Threads reading and decoding tiles, each with its own dataset handle;
+            ``None``: 1 on the CPU, up to 8 (half the cores) beside a GPU.
         compile: Run the network through ``torch.compile`` (the first batch compiles, about a
             minute for B0 on a CPU; needs a C++ compiler). No effect on ONNX models.
         crf: Refine the class map with a dense CRF (:mod:`geoseg.crf`); ``None``: no CRF.
@@ -66,6 +68,7 @@ class PredictConfig:
     compress: Compression = "deflate"
     prefetch_batches: int = 2
     threads: int | None = None
+    reader_threads: int | None = None
     compile: bool = False
     crf: CrfConfig | None = None
     cog: bool = False
@@ -99,6 +102,8 @@ class PredictConfig:
             raise ConfigError(f"prefetch_batches must be a positive integer, got {self.prefetch_batches!r}")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise ConfigError(f"threads must be a positive integer, got {self.threads!r}")
+        if self.reader_threads is not None and (not isinstance(self.reader_threads, int) or self.reader_threads < 1):
+            raise ConfigError(f"reader_threads must be a positive integer, got {self.reader_threads!r}")
         if not isinstance(self.compile, bool):
             raise ConfigError(f"compile must be true or false, got {self.compile!r}")
         if self.crf is not None and not isinstance(self.crf, CrfConfig):

@@ -25,7 +25,7 @@ import numpy as np
 import rasterio
 import rasterio.env
 
-from ._machine import physical_memory_bytes
+from ._machine import physical_memory_bytes, usable_cores
 from ._version import __version__
 from .aoi import AreaOfInterest, aoi_label, load_aoi
 from .blend import FinishedRows, TileBlender
@@ -155,8 +155,10 @@ def predict_scene(
         check_output_destinations(outputs, dst_path, source.files, overwrite)
         aoi = load_aoi(outputs.aoi, scene) if outputs.aoi is not None else None
         grid = plan_grid(scene, model.metadata, config)
+        readers = reader_threads(config, device)
         if "GDAL_CACHEMAX" not in os.environ:
-            rasterio.env.setenv(GDAL_CACHEMAX=block_cache_bytes(scene, grid, source.block_rows))
+            cache = block_cache_bytes(scene, grid, source.block_rows, readers, config.batch_size)
+            rasterio.env.setenv(GDAL_CACHEMAX=cache)
         model = source.calibrate(model)
         log.info("%s: %dx%d px, bands %s (%s)",
                  source.name, scene.width, scene.height, list(scene.band_indexes), scene.band_source)
@@ -165,7 +167,8 @@ def predict_scene(
 
             torch.set_num_threads(config.threads)
         predictor = TilePredictor(
-            model.module, device, precision, grid.tile_px, max_batch=config.batch_size, compile=config.compile
+            model.module, device, precision, grid.tile_px, max_batch=config.batch_size, compile=config.compile,
+            logits_on_device=True,  # on a GPU, blend there: only class indexes come back to the host
         )
         precision = predictor.precision  # an ONNX model runs in fp32 whatever was asked
         tags = {
@@ -181,7 +184,8 @@ def predict_scene(
         stages = build_stages(scene, model.metadata, config)
         sinks = build_sinks(scene, model.metadata, config, outputs, tags)
         try:
-            predicted = _run(scene, grid, model, predictor, config, dst_path, tags, progress, stages, sinks, aoi)
+            predicted = _run(scene, grid, model, predictor, config, dst_path, tags, progress, stages, sinks, aoi,
+                             readers)
         except BaseException:
             fallback = _Outputs(stages, sinks)  # also when the class raster could not even be created
             fallback.close()
@@ -225,6 +229,20 @@ def plan_grid(scene: Scene, meta: ModelMetadata, config: PredictConfig) -> TileG
     return TileGrid(scene.height, scene.width, tile_px, overlap_px)
 
 
+def reader_threads(config: PredictConfig, device: Any) -> int:
+    """Threads reading tiles: ``config.reader_threads``, else 1 on the CPU and up to 8 beside a GPU.
+
+    On the CPU the network wants every core and one reader keeps up with it. A GPU runs the
+    network far faster than one thread decodes tiles (bench/bench_read.py: 24 MP/s from one
+    thread against 216 MP/s for bundled model alone on an H200), so half the cores read.
+    """
+    if config.reader_threads is not None:
+        return config.reader_threads
+    if getattr(device, "type", str(device)) != "cuda":
+        return 1
+    return max(1, min(8, usable_cores() // 2))
+
+
 def gdal_options() -> dict[str, Any]:
     """GDAL settings applied once around a prediction (config options are process-wide).
 
@@ -240,7 +258,9 @@ def gdal_options() -> dict[str, Any]:
     return {key: value for key, value in defaults.items() if key not in os.environ}
 
 
-def block_cache_bytes(scene: Scene, grid: TileGrid, block_rows: int | None = None) -> int:
+def block_cache_bytes(
+    scene: Scene, grid: TileGrid, block_rows: int | None = None, readers: int = 1, batch_size: int = 1
+) -> int:
     """A GDAL block cache just big enough that each input block is decoded (or fetched) once.
 
     Tiles are read row by row, left to right, so a tile row touches ``ceil(tile / block) + 1``
@@ -251,12 +271,21 @@ def block_cache_bytes(scene: Scene, grid: TileGrid, block_rows: int | None = Non
     (tile scan 2.45 s against 2.03 s), 2.5 rows did not. A VRT band stack caches its own blocks
     beside its sources', hence the factor 2 for VRTs. At least ``GDAL_CACHE_MB``, at most a
     quarter of the machine's memory: anything larger only grows memory with the scene's width.
+
+    Several ``readers`` (each its own dataset handle, each its own cached blocks) read batches of
+    ``batch_size`` tiles in turn, so a reader's next batch lies elsewhere and blocks are rarely
+    shared between its batches: each needs only the blocks of the batch it reads (the block rows
+    above, as wide as the batch plus a block), and the cache no longer grows with the width.
     """
     block_rows = block_rows or 256  # GeoTIFF's usual block; a VRT does not tell its sources'
     rows = (-(-grid.tile_px // block_rows) + 1) * block_rows + block_rows // 2
     itemsize = np.dtype(scene.dtype).itemsize
     copies = 2 if scene.path.lstrip().startswith("<") else 1
-    needed = copies * scene.width * min(rows, scene.height) * len(scene.band_indexes) * itemsize
+    width = scene.width
+    if readers > 1:
+        stride = grid.tile_px - grid.overlap_px
+        width = readers * min(scene.width, (batch_size - 1) * stride + grid.tile_px + 2 * block_rows)
+    needed = copies * width * min(rows, scene.height) * len(scene.band_indexes) * itemsize
     return int(max(GDAL_CACHE_MB << 20, min(needed, physical_memory_bytes() // 4)))
 
 
@@ -374,12 +403,15 @@ def _run(
     stages: Sequence[RowStage] = (),
     sinks: Sequence[RowSink] = (),
     aoi: AreaOfInterest | None = None,
+    readers: int = 1,
 ) -> int:
-    """Drive reader, network and writer for one scene; returns the number of tiles predicted.
+    """Drive readers, network and writer for one scene; returns the number of tiles predicted.
 
     Finished rows go through ``stages`` and then to the class raster and every sink, on the
     writer thread; all outputs are committed together at the end, or all aborted. With an
     ``aoi``, tiles that hold no pixel of it are never read, and pixels outside it are invalid.
+    With several ``readers``, reader ``i`` reads the batches ``i, i + readers, ...`` of the grid
+    through a dataset handle of its own, and batches are handed to the network in grid order.
     """
     from tqdm import tqdm
 
@@ -387,23 +419,34 @@ def _run(
     # NOTE: the output dtype, not int64: finished rows wait in the writer's queue, 8x smaller.
     class_ids = np.array([c.id for c in meta.classes], dtype=output_dtype(meta.classes, config.output_nodata))
     with_probabilities = needs_probabilities(stages, sinks)
-    blender = TileBlender(grid, len(meta.classes), config.taper_floor, keep_logits=with_probabilities)
+    blender = TileBlender(grid, len(meta.classes), config.taper_floor, keep_logits=with_probabilities,
+                          device=predictor.device if predictor.logits_on_device else None)
     stop = threading.Event()
-    batches: queue.Queue[Any] = queue.Queue(maxsize=config.prefetch_batches)
+    # One queue per reader; with several, each holds one batch (one more is being read), so the
+    # batches in flight stay ~2 x readers x batch size tiles, however big the scene.
+    batches: list[queue.Queue[Any]] = [
+        queue.Queue(maxsize=config.prefetch_batches if readers == 1 else 1) for _ in range(readers)
+    ]
     rows_out: queue.Queue[Any] = queue.Queue(maxsize=4)
     multiplier, bias = meta.normalization.multiplier_and_bias()
 
     writer = LabelWriter(dst, scene, meta.classes, config.output_nodata, config.compress, tags, cog=config.cog)
     outputs = _Outputs(stages, [writer, *sinks])
     blending = _Blending(blender, class_ids, config.output_nodata, with_probabilities)
-    reader = threading.Thread(
-        target=_read_batches, args=(scene, grid, multiplier, bias, config.batch_size, batches, stop, aoi), daemon=True
-    )
+    reading = [
+        threading.Thread(
+            target=_read_batches,
+            args=(scene, grid, multiplier, bias, config.batch_size, batches[i], stop, aoi, (i, readers)),
+            daemon=True,
+        )
+        for i in range(readers)
+    ]
     writer_thread = threading.Thread(target=_write_rows, args=(outputs, rows_out, stop), daemon=True)
     bar = tqdm(total=len(grid), unit="tile", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     predicted = 0
     try:
-        reader.start()
+        for reader in reading:
+            reader.start()
         writer_thread.start()
         done_index = -1
 
@@ -421,14 +464,14 @@ def _run(
             _put(rows_out, block, stop)
         bar.update(len(grid) - 1 - done_index)
         _put(rows_out, _DONE, stop)
-        _join(reader, writer_thread)
+        _join(*reading, writer_thread)
         if getattr(writer_thread, "error", None) is not None:
             raise writer_thread.error
         outputs.close()
         outputs.commit()
     except BaseException as err:
         stop.set()
-        _join(reader, writer_thread)
+        _join(*reading, writer_thread)
         outputs.close()
         outputs.abort()
         writer_error = getattr(writer_thread, "error", None)
@@ -457,15 +500,19 @@ def _put(q: queue.Queue[Any], item: Any, stop: threading.Event) -> None:
                 raise RuntimeError("pipeline stopped") from None
 
 
-def _drain(batches: queue.Queue[Any], stop: threading.Event) -> Iterator[TileBatch]:
-    """Yield batches from the reader until it is done; re-raise its error here.
+def _drain(batches: Sequence[queue.Queue[Any]], stop: threading.Event) -> Iterator[TileBatch]:
+    """Yield batches from the readers in grid order until they are done; re-raise an error here.
 
-    Polls, so a pipeline stopped by the writer (whose reader then quits without a last item)
+    Reader ``i`` of ``n`` sends one item per batch ``i, i + n, ...`` of the grid (``None`` when
+    that batch had no tile to predict), then ``_DONE``; so taking from the readers in turn keeps
+    grid order, and the first ``_DONE`` in turn means every batch has been handed out.
+    Polls, so a pipeline stopped by the writer (whose readers then quit without a last item)
     never leaves this thread waiting forever.
     """
+    turn = 0
     while True:
         try:
-            item = batches.get(timeout=0.1)
+            item = batches[turn % len(batches)].get(timeout=0.1)
         except queue.Empty:
             if stop.is_set():
                 raise RuntimeError("pipeline stopped") from None
@@ -474,7 +521,9 @@ def _drain(batches: queue.Queue[Any], stop: threading.Event) -> Iterator[TileBat
             return
         if isinstance(item, BaseException):
             raise item
-        yield item
+        turn += 1
+        if item is not None:
+            yield item
 
 
 def _read_batches(
@@ -486,35 +535,55 @@ def _read_batches(
     out: queue.Queue[Any],
     stop: threading.Event,
     aoi: AreaOfInterest | None = None,
+    part: tuple[int, int] = (0, 1),
 ) -> None:
     """Reader thread: tiles with at least one valid pixel, in grid order, in batches.
 
     With an ``aoi``, a tile without a pixel inside it is skipped before it is read, and the
     pixels of a tile outside it are marked invalid (they still give the network context).
+
+    ``part = (i, n)``: reader ``i`` of ``n``. A lone reader fills every batch with the next
+    tiles to predict. One of several reads the grid positions of batches ``i, i + n, ...``
+    (``batch_size`` consecutive tiles each) and sends one item for each: the tiles to predict
+    (fewer than ``batch_size`` where some are skipped) or ``None``.
     """
+    first, readers = part
     try:
         with SceneReader(scene, multiplier, bias) as reader:
-            pending: list[tuple[Tile, Any, Any, tuple[int, int]]] = []
-            for tile in grid:
-                if stop.is_set():
-                    return
+
+            def read(tile: Tile) -> tuple[Tile, Any, Any, tuple[int, int]] | None:
                 inside = None
                 if aoi is not None:
                     h, w = min(tile.size, scene.height - tile.y), min(tile.size, scene.width - tile.x)
                     inside = aoi.mask(tile.y, tile.x, h, w)
                     if not inside.any():
-                        continue  # outside the area of interest: never read
+                        return None  # outside the area of interest: never read
                 pixels, valid, h, w = reader.read_tile(tile.y, tile.x, tile.size)
                 if inside is not None:
                     valid[:h, :w] &= inside
                 if not valid.any():
-                    continue  # an all-nodata tile never reaches the model
-                pending.append((tile, pixels, valid, (h, w)))
-                if len(pending) == batch_size:
+                    return None  # an all-nodata tile never reaches the model
+                return tile, pixels, valid, (h, w)
+
+            if readers == 1:
+                pending: list[tuple[Tile, Any, Any, tuple[int, int]]] = []
+                for tile in grid:
+                    if stop.is_set():
+                        return
+                    if (item := read(tile)) is not None:
+                        pending.append(item)
+                    if len(pending) == batch_size:
+                        _put(out, _make_batch(pending), stop)
+                        pending = []
+                if pending:
                     _put(out, _make_batch(pending), stop)
-                    pending = []
-            if pending:
-                _put(out, _make_batch(pending), stop)
+            else:
+                tiles = list(grid)
+                for start in range(first * batch_size, len(tiles), readers * batch_size):
+                    if stop.is_set():
+                        return
+                    items = [item for tile in tiles[start : start + batch_size] if (item := read(tile)) is not None]
+                    _put(out, _make_batch(items) if items else None, stop)
         _put(out, _DONE, stop)
     except BaseException as err:  # handed to the main thread, which re-raises it
         if not stop.is_set():
@@ -579,10 +648,18 @@ class _Blending:
         self.output_nodata = output_nodata
         self.with_probabilities = with_probabilities
 
-    def add(self, batch: TileBatch, logits: np.ndarray) -> Iterator[RowBlock]:
-        """Blend a batch's logits ``(N, K, T, T)``; yield the row blocks they finished."""
-        for tile, tile_logits, valid, (h, w) in zip(batch.tiles, logits, batch.valid, batch.extents):
-            yield from self._blocks(self.blender.add(tile, tile_logits[:, :h, :w], valid[:h, :w]))
+    def add(self, batch: TileBatch, logits: Any) -> Iterator[RowBlock]:
+        """Blend a batch's logits ``(N, K, T, T)``; yield the row blocks they finished.
+
+        Logits are a host array, or a tensor on the blender's device (then validity goes there too).
+        """
+        valid: Any = batch.valid
+        if self.blender.device is not None:
+            import torch
+
+            valid = torch.from_numpy(np.stack(batch.valid)).to(self.blender.device)
+        for tile, tile_logits, tile_valid, (h, w) in zip(batch.tiles, logits, valid, batch.extents):
+            yield from self._blocks(self.blender.add(tile, tile_logits[:, :h, :w], tile_valid[:h, :w]))
 
     def finish(self) -> Iterator[RowBlock]:
         """No more batches: the rows still waiting."""
