@@ -11,6 +11,9 @@ Prints figures; asserts nothing. Run from the repository root:
 (b) end to end: ``geoseg predict`` in a subprocess on a real scene (mosaics of the shared Zion
     Landsat 8 scene, built by bench/scenes.py), wall clock including start-up (import, model
     load), so use a big scene (default 8192 px) for the ratio.
+(c) with ``--warm``: ``predict_scene`` called in this process after a first, uncounted call on
+    the same scene: the engine's steady throughput, without start-up (imports, CUDA context,
+    model load). On a GPU, where the model alone is fast, start-up weighs most in (b).
 Peak RSS is each ``geoseg predict`` child's own VmHWM (bench/peak.py says why not ``os.wait4``).
 
 Shared machines drift: (a) and (b) are measured in turn, ``--repeat`` times, and the ratio is
@@ -39,7 +42,7 @@ from geoseg.config import PredictConfig  # noqa: E402
 from geoseg.inference import resolve_device, resolve_precision  # noqa: E402
 from geoseg.io import open_scene  # noqa: E402
 from geoseg.modelfile import load_model  # noqa: E402
-from geoseg.pipeline import default_model_path, plan_grid  # noqa: E402
+from geoseg.pipeline import default_model_path, plan_grid, predict_scene  # noqa: E402
 
 
 def cpu_name() -> str:
@@ -87,13 +90,16 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=15.0, help="time spent on the model-only figure")
     parser.add_argument("--rss", default="2048,8192", help="scene edges for the peak-RSS figures ('' to skip)")
     parser.add_argument("--repeat", type=int, default=3, help="rounds of (a), (b) and the RSS runs")
+    parser.add_argument("--reader-threads", type=int, help="passed to geoseg predict [its default]")
+    parser.add_argument("--warm", action="store_true", help="also (c): predict_scene in process, warm")
     args = parser.parse_args()
 
     reuse_freed_memory()
     model_path = args.model or default_model_path()
     model = load_model(model_path)
     config = PredictConfig(
-        tile=args.tile, overlap=args.overlap, batch_size=args.batch_size, precision=args.precision, device=args.device
+        tile=args.tile, overlap=args.overlap, batch_size=args.batch_size, precision=args.precision, device=args.device,
+        reader_threads=args.reader_threads,
     )
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
@@ -110,6 +116,8 @@ def main() -> None:
     )
     extra = ["--batch-size", str(config.batch_size), "--precision", precision, "--device", str(device)]
     extra += ["--tile", str(grid.tile_px), "--overlap", str(grid.overlap_px)]
+    if args.reader_threads is not None:
+        extra += ["--reader-threads", str(args.reader_threads)]
     sizes = [int(s) for s in args.rss.split(",") if s]
     scene_mp = checked.width * checked.height / 1e6
     ratios, model_figures, e2e_figures = [], [], []
@@ -130,6 +138,16 @@ def main() -> None:
                 peaks[size].append(peak)  # the same command on the same scene: no need to run it again
                 continue
             peaks[size].append(run_predict(build_mosaic(size), model_path, extra)[1])
+    if args.warm:
+        warm = []
+        settings = config.replace(tile=grid.tile_px, overlap=grid.overlap_px, device=str(device), precision=precision)
+        out = OUT / f"{scene.stem}_warm.tif"
+        for run in range(args.repeat + 1):
+            result = predict_scene(scene, out, settings, overwrite=True, model=model)
+            if run:  # the first call warms up (CUDA context, kernels, GDAL)
+                warm.append(result.megapixels_per_second)
+        print(f"(c) predict_scene in process, warm: {_spread(warm)} MP/s "
+              f"(b/a medians with (c) for (b): {statistics.median(warm) / statistics.median(model_figures):.3f})")
     print(f"(a) model only:           {_spread(model_figures)} unique MP/s")
     print(f"(b) geoseg predict (CLI): {_spread(e2e_figures)} MP/s (wall clock incl. start-up)")
     print(f"ratio b/a, pair by pair:  {_spread(ratios)}")

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The checks and figures that need a CUDA GPU, in one go (run from the repository root on a
+# machine with one, with geoseg and its dependencies importable and ../shared/data present):
+#   1. the test suite with CUDA present (the CUDA-only tests run; `auto` picks the GPU);
+#   2. bench_predict on CUDA: model only against `geoseg predict` (and warm, in process), fp32
+#      at the CPU figures' batch size, then bf16 at a batch size that suits a GPU, with the
+#      default readers and with one;
+#   3. how often bf16 and fp16 change the class map on the GPU (bench_precision);
+#   4. a profile of the calling thread during one GPU predict (where its time goes).
+# bench/bench_read.py gives the reader's ceiling with 1..N threads (CPU only).
+# Logs go to $OUT (default bench/out/gpu).
+set -uo pipefail
+OUT=${OUT:-bench/out/gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+section() { echo; echo "=== $* ($(date +%T))"; }
+
+section machine
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv
+python3 -c "import torch, rasterio; print('torch', torch.__version__, torch.cuda.get_device_name(), '| rasterio', rasterio.__version__, 'GDAL', rasterio.__gdal_version__)"
+nproc
+
+section tests with CUDA present
+timeout 300 python3 -m pytest -q -p no:cacheprovider -n 8 --timeout 180 -o addopts="-ra -m 'not slow'" \
+    ${GPU_TESTS:-tests} 2>&1 | tee "$OUT/tests.log" | tail -25
+
+section "bench_predict cuda fp32 batch 4"
+timeout 200 python3 bench/bench_predict.py --device cuda --precision fp32 --batch-size 4 --repeat 2 --seconds 5 \
+    --rss 2048,8192 --warm 2>&1 | tee "$OUT/predict_fp32_b4.log"
+
+section "bench_predict cuda bf16 batch ${GPU_BATCH:-32}"
+timeout 200 python3 bench/bench_predict.py --device cuda --precision bf16 --batch-size "${GPU_BATCH:-32}" --repeat 2 \
+    --seconds 5 --rss '' --warm 2>&1 | tee "$OUT/predict_bf16.log"
+
+section "bench_predict cuda bf16 batch ${GPU_BATCH:-32}, one reader"
+timeout 200 python3 bench/bench_predict.py --device cuda --precision bf16 --batch-size "${GPU_BATCH:-32}" --repeat 1 \
+    --seconds 3 --rss '' --warm --reader-threads 1 2>&1 | tee "$OUT/predict_bf16_1reader.log"
+
+section "bench_precision cuda"
+timeout 120 python3 bench/bench_precision.py --device cuda --precisions fp32,bf16,fp16 2>&1 | tee "$OUT/precision.log"
+
+section "profile of one GPU predict (calling thread)"
+timeout 120 python3 -m cProfile -o "$OUT/predict.prof" -m geoseg predict bench/out/zion_8192.tif "$OUT/p.tif" \
+    --device cuda --precision bf16 --batch-size "${GPU_BATCH:-32}" --overwrite -q
+rm -f "$OUT/p.tif"
+python3 -c "import pstats; pstats.Stats('$OUT/predict.prof').sort_stats('tottime').print_stats(15)" | tail -24
