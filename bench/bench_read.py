@@ -45,7 +45,7 @@ def main() -> None:
         with rasterio.Env(**gdal_options()):
             scene = open_scene(scene_path, meta)
             grid = plan_grid(scene, meta, PredictConfig())
-            rasterio.env.setenv(GDAL_CACHEMAX=block_cache_bytes(scene, grid, None, threads, args.batch_size))
+            rasterio.env.setenv(GDAL_CACHEMAX=block_cache_bytes(scene, grid, None, threads))
             tiles = list(grid)
             batches = [tiles[i : i + args.batch_size] for i in range(0, len(tiles), args.batch_size)]
 

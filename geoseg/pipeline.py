@@ -157,7 +157,7 @@ def predict_scene(
         grid = plan_grid(scene, model.metadata, config)
         readers = reader_threads(config, device)
         if "GDAL_CACHEMAX" not in os.environ:
-            cache = block_cache_bytes(scene, grid, source.block_rows, readers, config.batch_size)
+            cache = block_cache_bytes(scene, grid, source.block_rows, readers)
             rasterio.env.setenv(GDAL_CACHEMAX=cache)
         model = source.calibrate(model)
         log.info("%s: %dx%d px, bands %s (%s)",
@@ -259,7 +259,7 @@ def gdal_options() -> dict[str, Any]:
 
 
 def block_cache_bytes(
-    scene: Scene, grid: TileGrid, block_rows: int | None = None, readers: int = 1, batch_size: int = 1
+    scene: Scene, grid: TileGrid, block_rows: int | None = None, readers: int = 1
 ) -> int:
     """A GDAL block cache just big enough that each input block is decoded (or fetched) once.
 
@@ -273,9 +273,10 @@ def block_cache_bytes(
     quarter of the machine's memory: anything larger only grows memory with the scene's width.
 
     Several ``readers`` (each its own dataset handle, each its own cached blocks) read batches of
-    ``batch_size`` tiles in turn, so a reader's next batch lies elsewhere and blocks are rarely
-    shared between its batches: each needs only the blocks of the batch it reads (the block rows
-    above, as wide as the batch plus a block), and the cache no longer grows with the width.
+    tiles in turn, so a reader's next batch lies elsewhere and blocks are rarely
+    shared between its batches: each reader only reuses blocks between neighbouring tiles of a
+    batch, so it needs the blocks around one tile (a tile plus two blocks wide), and the cache
+    no longer grows with the width.
     """
     block_rows = block_rows or 256  # GeoTIFF's usual block; a VRT does not tell its sources'
     rows = (-(-grid.tile_px // block_rows) + 1) * block_rows + block_rows // 2
@@ -283,8 +284,7 @@ def block_cache_bytes(
     copies = 2 if scene.path.lstrip().startswith("<") else 1
     width = scene.width
     if readers > 1:
-        stride = grid.tile_px - grid.overlap_px
-        width = readers * min(scene.width, (batch_size - 1) * stride + grid.tile_px + 2 * block_rows)
+        width = readers * min(scene.width, grid.tile_px + 2 * block_rows)
     needed = copies * width * min(rows, scene.height) * len(scene.band_indexes) * itemsize
     return int(max(GDAL_CACHE_MB << 20, min(needed, physical_memory_bytes() // 4)))
 
@@ -548,6 +548,7 @@ def _read_batches(
     (fewer than ``batch_size`` where some are skipped) or ``None``.
     """
     first, readers = part
+    buffers = _BatchBuffers(out.maxsize)
     try:
         with SceneReader(scene, multiplier, bias) as reader:
 
@@ -573,30 +574,51 @@ def _read_batches(
                     if (item := read(tile)) is not None:
                         pending.append(item)
                     if len(pending) == batch_size:
-                        _put(out, _make_batch(pending), stop)
+                        _put(out, buffers.batch(pending, batch_size), stop)
                         pending = []
                 if pending:
-                    _put(out, _make_batch(pending), stop)
+                    _put(out, buffers.batch(pending, batch_size), stop)
             else:
                 tiles = list(grid)
                 for start in range(first * batch_size, len(tiles), readers * batch_size):
                     if stop.is_set():
                         return
                     items = [item for tile in tiles[start : start + batch_size] if (item := read(tile)) is not None]
-                    _put(out, _make_batch(items) if items else None, stop)
+                    _put(out, buffers.batch(items, batch_size) if items else None, stop)
         _put(out, _DONE, stop)
     except BaseException as err:  # handed to the main thread, which re-raises it
         if not stop.is_set():
             _put(out, err, stop)
 
 
-def _make_batch(items: list[tuple[Tile, Any, Any, tuple[int, int]]]) -> TileBatch:
-    return TileBatch(
-        pixels=np.stack([pixels for _, pixels, _, _ in items]),
-        tiles=[tile for tile, _, _, _ in items],
-        valid=[valid for _, _, valid, _ in items],
-        extents=[extent for _, _, _, extent in items],
-    )
+class _BatchBuffers:
+    """A reader's ring of batch arrays, reused instead of allocating every batch anew.
+
+    A reader fills buffer ``n`` while up to ``queued`` batches wait in its queue and the network
+    launches the one before them (it copies or consumes the pixels before it asks for the next
+    batch), so ``queued + 2`` buffers are never overwritten while in use. Reuse keeps the
+    batch-sized allocations of many reading threads from spreading over their malloc arenas:
+    8 readers at batch 32 peaked at 2.0 GiB on a 4096 px scene and 3.3 GiB on an 8192 px one
+    with fresh arrays per batch.
+    """
+
+    def __init__(self, queued: int):
+        self._ring: list[np.ndarray] = []
+        self._size = queued + 2
+        self._next = 0
+
+    def batch(self, items: list[tuple[Tile, Any, Any, tuple[int, int]]], batch_size: int) -> TileBatch:
+        first = items[0][1]
+        if not self._ring:
+            self._ring = [np.empty((batch_size, *first.shape), first.dtype) for _ in range(self._size)]
+        buffer = self._ring[self._next % self._size][: len(items)]
+        self._next += 1
+        return TileBatch(
+            pixels=np.stack([pixels for _, pixels, _, _ in items], out=buffer),
+            tiles=[tile for tile, _, _, _ in items],
+            valid=[valid for _, _, valid, _ in items],
+            extents=[extent for _, _, _, extent in items],
+        )
 
 
 class _Outputs:

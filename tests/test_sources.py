@@ -313,12 +313,12 @@ def test_block_cache_holds_the_tile_rows_in_flight(make_scene, tiny_metadata) ->
     # a VRT band stack caches its own blocks beside its sources': twice as much
     stack = type(scene)(**{**wide.__dict__, "path": "<VRTDataset/>"})
     assert block_cache_bytes(stack, grid, block_rows=1024) == min(2 * 40_000 * 2560 * 4 * 2, _memory() // 4)
-    # several readers: each holds the blocks of its own batch (4 tiles at stride 448, plus two
-    # blocks), whatever the width; one reader of a scene that narrow needs no more
-    per_reader = 3 * 448 + 512 + 2 * 1024
-    assert block_cache_bytes(wide, grid, 1024, readers=8, batch_size=4) == 8 * per_reader * 2560 * 4 * 2
+    # several readers: each holds the blocks around its current tile (the tile plus two blocks
+    # wide), whatever the width and batch size; never wider than the scene
+    per_reader = 512 + 2 * 1024
+    assert block_cache_bytes(wide, grid, 1024, readers=8) == 8 * per_reader * 2560 * 4 * 2
     narrow = type(scene)(**{**wide.__dict__, "width": 600})
-    assert block_cache_bytes(narrow, grid, 1024, readers=2, batch_size=4) == max(
+    assert block_cache_bytes(narrow, grid, 1024, readers=2) == max(
         2 * 600 * 2560 * 4 * 2, GDAL_CACHE_MB << 20
     )
 
