@@ -124,7 +124,8 @@ def predict_scene(
         config: Settings; ``None`` uses the defaults and the bundled model.
         overwrite: Replace an existing ``dst``.
         progress: Show a progress bar on stderr.
-        model: An already loaded model (batch jobs load once); overrides ``config.model``.
+        model: An already loaded model (batch jobs load once); overrides ``config.model``. Its
+            module is moved to the run's device and stays there (so the next scene reuses it).
         resample: Resample band files coarser than the finest one with this method (otherwise refused).
         assets: STAC asset keys, by model band name or in model band order (default: by common name).
         outputs: Extra outputs (probabilities, statistics, polygons, ...) besides ``dst``.
