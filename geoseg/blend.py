@@ -222,6 +222,11 @@ class TileBlender:
         """Where logits and validity must be given: a torch device, or ``None`` for numpy arrays."""
         return getattr(self._xp, "device", None)
 
+    def on_device(self, host: Any) -> Any:
+        """``host`` (arrays, or a sequence of same-shaped arrays) where :meth:`add` wants it: as it is
+        without a ``device``, else stacked into one tensor on the device."""
+        return self._xp.constant(host)
+
     def add(self, tile: Tile, logits: Any, valid: Any) -> list[FinishedRows]:
         """Blend one tile's logits ``(K, h, w)`` and validity ``(h, w)``, cropped to the scene.
 

@@ -19,7 +19,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import rasterio
@@ -38,6 +38,9 @@ from .outputs import OutputOptions, check_output_destinations
 from .sources import Resampling, resolve_source
 from .stream import RowBlock, RowSink, RowStage, needs_probabilities, run_chain, softmax
 from .tiling import Tile, TileGrid
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +233,7 @@ def plan_grid(scene: Scene, meta: ModelMetadata, config: PredictConfig) -> TileG
     return TileGrid(scene.height, scene.width, tile_px, overlap_px)
 
 
-def reader_threads(config: PredictConfig, device: Any) -> int:
+def reader_threads(config: PredictConfig, device: torch.device) -> int:
     """Threads reading tiles: ``config.reader_threads``, else 1 on the CPU and up to 8 beside a GPU.
 
     On the CPU the network wants every core and one reader keeps up with it. A GPU runs the
@@ -239,7 +242,7 @@ def reader_threads(config: PredictConfig, device: Any) -> int:
     """
     if config.reader_threads is not None:
         return config.reader_threads
-    if getattr(device, "type", str(device)) != "cuda":
+    if device.type != "cuda":
         return 1
     return max(1, min(8, usable_cores() // 2))
 
@@ -549,7 +552,7 @@ def _read_batches(
     (fewer than ``batch_size`` where some are skipped) or ``None``.
     """
     first, readers = part
-    buffers = _BatchBuffers(out.maxsize)
+    buffers = _BatchBuffers(out.maxsize, batch_size)
     try:
         with SceneReader(scene, multiplier, bias) as reader:
 
@@ -575,17 +578,17 @@ def _read_batches(
                     if (item := read(tile)) is not None:
                         pending.append(item)
                     if len(pending) == batch_size:
-                        _put(out, buffers.batch(pending, batch_size), stop)
+                        _put(out, buffers.batch(pending), stop)
                         pending = []
                 if pending:
-                    _put(out, buffers.batch(pending, batch_size), stop)
+                    _put(out, buffers.batch(pending), stop)
             else:
                 tiles = list(grid)
                 for start in range(first * batch_size, len(tiles), readers * batch_size):
                     if stop.is_set():
                         return
                     items = [item for tile in tiles[start : start + batch_size] if (item := read(tile)) is not None]
-                    _put(out, buffers.batch(items, batch_size) if items else None, stop)
+                    _put(out, buffers.batch(items) if items else None, stop)
         _put(out, _DONE, stop)
     except BaseException as err:  # handed to the main thread, which re-raises it
         if not stop.is_set():
@@ -603,15 +606,16 @@ class _BatchBuffers:
     with fresh arrays per batch.
     """
 
-    def __init__(self, queued: int):
+    def __init__(self, queued: int, batch_size: int):
         self._ring: list[np.ndarray] = []
         self._size = queued + 2
+        self._batch_size = batch_size
         self._next = 0
 
-    def batch(self, items: list[tuple[Tile, Any, Any, tuple[int, int]]], batch_size: int) -> TileBatch:
+    def batch(self, items: list[tuple[Tile, Any, Any, tuple[int, int]]]) -> TileBatch:
         first = items[0][1]
-        if not self._ring:
-            self._ring = [np.empty((batch_size, *first.shape), first.dtype) for _ in range(self._size)]
+        if not self._ring:  # the tiles' shape and dtype are known once the first is read
+            self._ring = [np.empty((self._batch_size, *first.shape), first.dtype) for _ in range(self._size)]
         buffer = self._ring[self._next % self._size][: len(items)]
         self._next += 1
         return TileBatch(
@@ -676,11 +680,7 @@ class _Blending:
 
         Logits are a host array, or a tensor on the blender's device (then validity goes there too).
         """
-        valid: Any = batch.valid
-        if self.blender.device is not None:
-            import torch
-
-            valid = torch.from_numpy(np.stack(batch.valid)).to(self.blender.device)
+        valid = self.blender.on_device(batch.valid)
         for tile, tile_logits, tile_valid, (h, w) in zip(batch.tiles, logits, valid, batch.extents):
             yield from self._blocks(self.blender.add(tile, tile_logits[:, :h, :w], tile_valid[:h, :w]))
 
