@@ -614,7 +614,9 @@ def train(config_file: str | None, resume: bool, overwrite: bool, verbose: int, 
 
     Each epoch predicts the validation region and reports per-class IoU and mIoU; the best
     epoch is written to --out as a geoseg model file, with normalisation statistics from the
-    training pixels. A checkpoint beside it lets --resume continue an interrupted run.
+    training pixels. Without a validation region (a final fit on all labels, once the settings
+    were chosen), the model after the last step is written. A checkpoint beside it lets
+    --resume continue an interrupted run.
 
     \b
     Examples:
@@ -633,8 +635,14 @@ def train(config_file: str | None, resume: bool, overwrite: bool, verbose: int, 
         config = build_train_config(file_settings, **flags)
         progress = not quiet and sys.stderr.isatty()
         result = train_model(config, resume=resume, overwrite=overwrite, progress=progress)
-        if result.best_metrics is None:
+        if not result.history:
             click.echo(f"no epoch finished; nothing written (checkpoint: {result.checkpoint})")
+            return
+        if result.best_metrics is None:
+            click.echo(
+                f"wrote {result.out}: the model after step {result.best_step} (no validation region); "
+                f"{result.seconds / 60:.1f} min"
+            )
             return
         click.echo(result.best_metrics.format_table())
         click.echo(

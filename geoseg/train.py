@@ -16,6 +16,8 @@ One run, in order:
 5. Each epoch (``epoch_steps`` steps): predict the validation region with the same tiles,
    taper and blending as ``geoseg predict``, compute per-class IoU and mIoU; the best epoch
    so far is written to ``out`` (atomically), and a checkpoint for ``resume`` beside it.
+   Without a validation region (a final fit on all labelled pixels, once the settings were
+   chosen on a held-out region) every epoch is written, so ``out`` ends as the last step's model.
 
 Windows are read from the rasters as needed (the GDAL block cache keeps recent blocks), so
 scenes of any size work; only the per-class anchor sample is held in memory.
@@ -83,8 +85,8 @@ class TrainConfig:
             ``None`` for all three: the whole image. The validation region is always excluded.
         train_window: Training region as ``col_off,row_off,width,height``.
         train_aoi: Training region as polygons in a vector file.
-        val_rows: Validation region as ``A:B`` rows (one of ``val_rows``, ``val_window`` and ``val_aoi``
-            is required).
+        val_rows: Validation region as ``A:B`` rows (or use ``val_window``/``val_aoi``). ``None`` for
+            all three: no validation, and the model after the last step is written.
         val_window: Validation region as ``col_off,row_off,width,height``.
         val_aoi: Validation region as polygons in a vector file.
         arch: SegFormer variant for a new model (``segformer-b0`` ... ``b5``).
@@ -205,8 +207,6 @@ class TrainConfig:
                 raise ConfigError(f"class_weights must be non-negative, got {self.class_weights}")
         object.__setattr__(self, "arch_overrides", dict(self.arch_overrides or {}))
         parse_region(self.train_rows, self.train_window, self.train_aoi)
-        if not (self.val_rows or self.val_window or self.val_aoi):
-            raise ConfigError("train needs a validation region: val_rows, val_window or val_aoi")
         parse_region(self.val_rows, self.val_window, self.val_aoi)
         for key in ("window_px", "batch_size", "steps", "epoch_steps", "tile_size", "progress_every"):
             value = getattr(self, key)
@@ -256,8 +256,10 @@ class TrainConfig:
         return parse_region(self.train_rows, self.train_window, self.train_aoi)
 
     @property
-    def val_region(self) -> Region:
-        """The validation region."""
+    def val_region(self) -> Region | None:
+        """The validation region, or ``None`` when the run has none (it then keeps its last step)."""
+        if not (self.val_rows or self.val_window or self.val_aoi):
+            return None
         return parse_region(self.val_rows, self.val_window, self.val_aoi)
 
     def to_dict(self) -> dict[str, Any]:
@@ -439,7 +441,8 @@ def train_model(
 ) -> TrainResult:
     """Train a model and write its best epoch (by validation mIoU) to ``config.out``.
 
-    Writes ``config.out`` (a geoseg model file, atomically, whenever validation mIoU improves)
+    Writes ``config.out`` (a geoseg model file, atomically, whenever validation mIoU improves;
+    after every epoch when the run has no validation region, so it ends as the last step's model)
     and a checkpoint beside it (``<out>.ckpt.safetensors`` and ``<out>.ckpt.json``, after every
     epoch) from which ``resume=True`` continues an interrupted run exactly.
 
@@ -452,7 +455,8 @@ def train_model(
         on_epoch: Called after each epoch's validation.
 
     Returns:
-        The best epoch's figures and the run's history.
+        The best epoch's figures and the run's history (without a validation region: the last
+        epoch, ``best_miou`` NaN and no ``best_metrics``).
 
     Raises:
         InputError: Unreadable or inconsistent inputs, too few labelled pixels, empty validation region.
@@ -624,7 +628,7 @@ def _scan(config: TrainConfig, class_map: ClassMap, meta: ModelMetadata) -> _Dat
             image = _ImageData(image_path, scene, grid, labels, None, None)
             images.append(image)
             image.src = rasterio.open(image_path)
-            image.val = _bind_optional(config.val_region, grid)
+            image.val = _bind_optional(config.val_region, grid) if config.val_region is not None else None
             image.train = _bind_optional(config.train_region, grid)
             if image.val is not None:
                 val_pixels += _count_labelled(image, image.val)
@@ -703,7 +707,7 @@ def _count_labelled(image: _ImageData, region: BoundRegion) -> int:
 
 def _check_dataset(config: TrainConfig, data: _Dataset, count: int, val_pixels: int) -> None:
     where = ", ".join(config.images)
-    if val_pixels == 0:
+    if config.val_region is not None and val_pixels == 0:
         raise InputError(
             f"{where}: the validation region ({config.val_region.describe()}) holds no labelled pixel; "
             "choose a region that overlaps the labels"
@@ -841,8 +845,9 @@ class WindowSampler:
             if image.val is not None and image.val.intersects(window):
                 continue  # never let a training window see the validation region
             return image, window
+        region = self.config.val_region.describe() if self.config.val_region is not None else "none"
         raise InputError(
-            f"no {w} px training window avoids the validation region ({self.config.val_region.describe()}); "
+            f"no {w} px training window avoids the validation region ({region}); "
             "use a smaller window_px or separate the regions"
         )
 
@@ -1038,33 +1043,44 @@ def _fit(
                     log.info("step %d/%d loss %.4f lr %.2e", step, config.steps, np.mean(running), lr)
             epoch += 1
             epochs_run += 1
-            metrics = validate(network, data, metadata, device, precision, config.batch_size)
-            latest_miou = metrics.miou
+            metrics = None
+            if config.val_region is not None:
+                metrics = validate(network, data, metadata, device, precision, config.batch_size)
+                latest_miou = metrics.miou
             record = EpochRecord(
                 epoch=epoch,
                 step=step,
                 loss=float(np.mean(losses)),
                 lr=learning_rate(config, step - 1),
-                val_miou=metrics.miou,
-                val_overall_accuracy=metrics.overall_accuracy,
-                val_iou=tuple(None if math.isnan(v) else round(float(v), 6) for v in metrics.iou),
+                val_miou=metrics.miou if metrics else float("nan"),
+                val_overall_accuracy=metrics.overall_accuracy if metrics else float("nan"),
+                val_iou=tuple(None if math.isnan(v) else round(float(v), 6) for v in metrics.iou)
+                if metrics
+                else (),
                 seconds=time.perf_counter() - epoch_started,
             )
             history.append(record)
             bar.set_postfix(loss=f"{np.mean(running):.3f}", mIoU=f"{latest_miou:.3f}")
-            log.info(
-                "epoch %d (step %d): loss %.4f, validation mIoU %.4f, OA %.4f",
-                epoch,
-                step,
-                record.loss,
-                metrics.miou,
-                metrics.overall_accuracy,
-            )
-            if metrics.miou > best["miou"]:
-                best = {"miou": metrics.miou, "epoch": epoch, "step": step, "metrics": metrics.to_dict()}
-                final = _with_provenance(metadata, config, best, data)
-                save_model(out, network.state_dict(), final, half=config.half)
-                log.info("wrote %s (best so far)", out)
+            if metrics is None:
+                # No validation: nothing to choose by, so the latest epoch is the model.
+                log.info("epoch %d (step %d): loss %.4f", epoch, step, record.loss)
+                best = {"miou": float("nan"), "epoch": epoch, "step": step, "metrics": None}
+                save_model(out, network.state_dict(), _with_provenance(metadata, config, best, data), half=config.half)
+                log.info("wrote %s (step %d, no validation region)", out, step)
+            else:
+                log.info(
+                    "epoch %d (step %d): loss %.4f, validation mIoU %.4f, OA %.4f",
+                    epoch,
+                    step,
+                    record.loss,
+                    metrics.miou,
+                    metrics.overall_accuracy,
+                )
+                if metrics.miou > best["miou"]:
+                    best = {"miou": metrics.miou, "epoch": epoch, "step": step, "metrics": metrics.to_dict()}
+                    final = _with_provenance(metadata, config, best, data)
+                    save_model(out, network.state_dict(), final, half=config.half)
+                    log.info("wrote %s (best so far)", out)
             _write_checkpoint(
                 ckpt_path, ckpt_json, config, network, optimizer, rng, step, epoch, best, history
             )
@@ -1105,20 +1121,33 @@ def _with_provenance(
     for key in ("classes", "init_model", "pretrained", "train_aoi", "val_aoi"):
         if settings.get(key):
             settings[key] = os.path.basename(settings[key])
+    if config.val_region is None:
+        selection = {
+            "train_region": config.train_region.describe(),
+            "val_region": None,
+            "selection": "last step (no validation region)",
+            "epoch": int(best["epoch"]),
+            "step": int(best["step"]),
+        }
+    else:
+        selection = {
+            "train_region": config.train_region.describe() + " (validation region excluded)",
+            "val_region": config.val_region.describe(),
+            "selection": "best validation mIoU",
+            "best_epoch": int(best["epoch"]),
+            "best_step": int(best["step"]),
+            "val_miou": round(float(best["miou"]), 6),
+            "val_overall_accuracy": best["metrics"]["overall_accuracy"],
+            "val_iou": {c["name"]: c["iou"] for c in best["metrics"]["classes"]},
+        }
     provenance = dict(metadata.provenance) | {
         "created_by": f"geoseg {__version__} train",
         "trained": True,
         "images": [os.path.basename(p) for p in config.images],
         "labels": [os.path.basename(p) for p in config.labels],
-        "train_region": config.train_region.describe() + " (validation region excluded)",
-        "val_region": config.val_region.describe(),
+        **selection,
         "seed": config.seed,
-        "best_epoch": int(best["epoch"]),
-        "best_step": int(best["step"]),
         "steps": config.steps,
-        "val_miou": round(float(best["miou"]), 6),
-        "val_overall_accuracy": best["metrics"]["overall_accuracy"],
-        "val_iou": {c["name"]: c["iou"] for c in best["metrics"]["classes"]},
         "training_pixels_per_class": {
             c.name: int(n) for c, n in zip(metadata.classes, data.class_pixels, strict=True)
         },

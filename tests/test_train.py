@@ -154,6 +154,51 @@ def test_resume_continues_where_it_stopped(tmp_path: Path) -> None:
             torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
+def test_without_validation_the_last_step_is_written(runner, tmp_path: Path) -> None:
+    """A final fit on every labelled pixel: no validation, the model after the last step is kept."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    config = tiny_config(tmp_path / "a", train_rows=None, val_rows=None, steps=6, epoch_steps=2)
+    result = train_model(config)
+    assert [r.step for r in result.history] == [2, 4, 6]
+    assert all(np.isnan(r.val_miou) and r.val_iou == () for r in result.history)
+    assert (result.best_epoch, result.best_step, result.best_metrics) == (3, 6, None)
+    # the file holds the weights after step 6: the same as the checkpoint written after it
+    from safetensors.torch import load_file
+
+    ckpt = load_file(str(checkpoint_paths(config.out)[0]))
+    model = load_model(config.out)
+    for name, value in model.module.state_dict().items():
+        torch.testing.assert_close(value, ckpt[f"model/{name}"], msg=name)
+    provenance = model.metadata.provenance
+    assert provenance["val_region"] is None and provenance["selection"].startswith("last step")
+    assert provenance["step"] == 6 and "val_miou" not in provenance
+    # normalisation and sampling use the whole image, the rows a validation region would have held too
+    with rasterio.open(config.images[0]) as src:
+        pixels = src.read().reshape(4, -1).astype(np.float64)
+    np.testing.assert_allclose(model.metadata.normalization.mean, pixels.mean(axis=1), rtol=1e-6)
+    data = _scan(config, ClassMap(*load_classes(config.classes)), read_metadata(config.out))
+    try:
+        sampler = WindowSampler(config, data, np.ones(4, np.float32), np.zeros(4, np.float32))
+        rng = np.random.default_rng(0)
+        rows = [sampler._draw_window(rng)[1].row_off for _ in range(200)]
+    finally:
+        data.close()
+    assert max(rows) + config.window_px > 112
+    # an interrupted final fit resumes to the same model
+    interrupted = tiny_config(tmp_path / "b", train_rows=None, val_rows=None, steps=6, epoch_steps=2)
+    train_model(interrupted, max_epochs=2)
+    resumed = train_model(interrupted, resume=True)
+    assert [r.loss for r in resumed.history] == pytest.approx([r.loss for r in result.history], rel=1e-5)
+    again = load_model(interrupted.out).module.state_dict()
+    for name, value in model.module.state_dict().items():
+        torch.testing.assert_close(again[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    args = _args(config, **{"--train-rows": False, "--val-rows": False, "--overwrite": None})
+    out = runner.invoke(main, ["train", *args])
+    assert out.exit_code == 0, out.output
+    assert "the model after step 2 (no validation region)" in out.output
+
+
 def test_resume_refuses_other_settings_or_missing_checkpoint(tmp_path: Path) -> None:
     config = tiny_config(tmp_path, steps=4, epoch_steps=2)
     with pytest.raises(Exception, match="no checkpoint to resume"):
@@ -301,8 +346,6 @@ def test_yaml_config_paths_and_unknown_keys(tmp_path: Path) -> None:
     bad.write_text("images: [a.tif]\nlearning_rate: 0.1\n")
     with pytest.raises(ConfigError, match="unknown key 'learning_rate'"):
         load_train_config_file(bad)
-    with pytest.raises(ConfigError, match="validation region"):
-        tiny_config(tmp_path, val_rows=None)
     with pytest.raises(ConfigError, match="multiple of 32"):
         tiny_config(tmp_path, window_px=50)
 
