@@ -680,10 +680,10 @@ def _scan(config: TrainConfig, class_map: ClassMap, meta: ModelMetadata) -> _Dat
     dataset.std = np.sqrt(np.maximum(squares / count - dataset.mean**2, 0.0))
     dataset.std = np.where(dataset.std > 1e-6 * np.maximum(np.abs(dataset.mean), 1.0), dataset.std, 1.0)
     log.info(
-        "training pixels: %d (labelled per class: %s); validation pixels: %d",
+        "training pixels: %d (labelled per class: %s); validation pixels: %s",
         count,
         ", ".join(f"{n}={int(v)}" for n, v in zip(class_map.names, class_pixels, strict=True)),
-        val_pixels,
+        val_pixels if config.val_region is not None else "none (no validation region)",
     )
     return dataset
 
