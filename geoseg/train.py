@@ -1065,7 +1065,8 @@ def _fit(
                 # No validation: nothing to choose by, so the latest epoch is the model.
                 log.info("epoch %d (step %d): loss %.4f", epoch, step, record.loss)
                 best = {"miou": float("nan"), "epoch": epoch, "step": step, "metrics": None}
-                save_model(out, network.state_dict(), _with_provenance(metadata, config, best, data), half=config.half)
+                final = _with_provenance(metadata, config, best, data)
+                save_model(out, network.state_dict(), final, half=config.half)
                 log.info("wrote %s (step %d, no validation region)", out, step)
             else:
                 log.info(
