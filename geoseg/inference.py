@@ -202,9 +202,10 @@ class TilePredictor:
         else:
             inputs = host
         inputs = inputs.contiguous(memory_format=self._memory_format)
-        with self._fp32_means_fp32(), torch.autocast(self.device.type, dtype=self._dtype, enabled=self._autocast):
+        autocast = torch.autocast(self.device.type, dtype=self._dtype, enabled=self._autocast)
+        with self._fp32_means_fp32(), autocast:
             logits = self.module(inputs)
-        # (N, K, T/4, T/4) -> (N, K, T, T)
+        # (N, K, T/s, T/s) at the first stride s (4; 2 for a finer decoder) -> (N, K, T, T)
         logits = F.interpolate(logits.float(), size=(self.tile_px, self.tile_px), mode="bilinear", align_corners=False)
         if not self._cuda:
             return logits.contiguous()
@@ -234,5 +235,8 @@ class TilePredictor:
             return contextlib.nullcontext()
         cudnn = torch.backends.cudnn
         return cudnn.flags(
-            enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic, allow_tf32=False
+            enabled=cudnn.enabled,
+            benchmark=cudnn.benchmark,
+            deterministic=cudnn.deterministic,
+            allow_tf32=False,
         )

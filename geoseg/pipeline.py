@@ -238,7 +238,7 @@ def reader_threads(config: PredictConfig, device: torch.device) -> int:
 
     On the CPU the network wants every core and one reader keeps up with it. A GPU runs the
     network far faster than one thread decodes tiles (bench/bench_read.py: 24 MP/s from one
-    thread against 216 MP/s for bundled model alone on an H200), so half the cores read.
+    thread against 216 MP/s for a SegFormer-B0 alone on an H200), so half the cores read.
     """
     if config.reader_threads is not None:
         return config.reader_threads

@@ -620,6 +620,7 @@ def _scan(config: TrainConfig, class_map: ClassMap, meta: ModelMetadata) -> _Dat
     val_pixels = 0
     keys: list[npt.NDArray[np.float64]] = [np.empty(0) for _ in range(k)]
     positions: list[npt.NDArray[np.int64]] = [np.empty((0, 3), np.int64) for _ in range(k)]
+    val_region = config.val_region
     try:
         for index, (image_path, label_path) in enumerate(zip(config.images, config.labels, strict=True)):
             scene = open_scene(image_path, meta, config.bands)
@@ -628,7 +629,7 @@ def _scan(config: TrainConfig, class_map: ClassMap, meta: ModelMetadata) -> _Dat
             image = _ImageData(image_path, scene, grid, labels, None, None)
             images.append(image)
             image.src = rasterio.open(image_path)
-            image.val = _bind_optional(config.val_region, grid) if config.val_region is not None else None
+            image.val = _bind_optional(val_region, grid) if val_region is not None else None
             image.train = _bind_optional(config.train_region, grid)
             if image.val is not None:
                 val_pixels += _count_labelled(image, image.val)
@@ -683,7 +684,7 @@ def _scan(config: TrainConfig, class_map: ClassMap, meta: ModelMetadata) -> _Dat
         "training pixels: %d (labelled per class: %s); validation pixels: %s",
         count,
         ", ".join(f"{n}={int(v)}" for n, v in zip(class_map.names, class_pixels, strict=True)),
-        val_pixels if config.val_region is not None else "none (no validation region)",
+        val_pixels if val_region is not None else "none (no validation region)",
     )
     return dataset
 
@@ -1017,7 +1018,8 @@ def _fit(
                 target_t = torch.from_numpy(target).to(device)
                 with torch.autocast(**autocast):
                     logits = network(inputs)
-                # (N, K, W/4, W/4) -> (N, K, W, W): the loss sees every labelled pixel.
+                # (N, K, W/s, W/s) at the first stride s (4, or 2 for a finer decoder) -> (N, K, W, W):
+                # the loss sees every labelled pixel.
                 logits = torch.nn.functional.interpolate(
                     logits.float(), size=target_t.shape[-2:], mode="bilinear", align_corners=False
                 )
@@ -1062,12 +1064,7 @@ def _fit(
             history.append(record)
             bar.set_postfix(loss=f"{np.mean(running):.3f}", mIoU=f"{latest_miou:.3f}")
             if metrics is None:
-                # No validation: nothing to choose by, so the latest epoch is the model.
                 log.info("epoch %d (step %d): loss %.4f", epoch, step, record.loss)
-                best = {"miou": float("nan"), "epoch": epoch, "step": step, "metrics": None}
-                final = _with_provenance(metadata, config, best, data)
-                save_model(out, network.state_dict(), final, half=config.half)
-                log.info("wrote %s (step %d, no validation region)", out, step)
             else:
                 log.info(
                     "epoch %d (step %d): loss %.4f, validation mIoU %.4f, OA %.4f",
@@ -1077,11 +1074,17 @@ def _fit(
                     metrics.miou,
                     metrics.overall_accuracy,
                 )
-                if metrics.miou > best["miou"]:
-                    best = {"miou": metrics.miou, "epoch": epoch, "step": step, "metrics": metrics.to_dict()}
-                    final = _with_provenance(metadata, config, best, data)
-                    save_model(out, network.state_dict(), final, half=config.half)
-                    log.info("wrote %s (best so far)", out)
+            # Without validation there is nothing to choose by: each epoch replaces the last.
+            if metrics is None or metrics.miou > best["miou"]:
+                best = {
+                    "miou": metrics.miou if metrics else float("nan"),
+                    "epoch": epoch,
+                    "step": step,
+                    "metrics": metrics.to_dict() if metrics else None,
+                }
+                final = _with_provenance(metadata, config, best, data)
+                save_model(out, network.state_dict(), final, half=config.half)
+                log.info("wrote %s (%s)", out, "best so far" if metrics else "no validation region")
             _write_checkpoint(
                 ckpt_path, ckpt_json, config, network, optimizer, rng, step, epoch, best, history
             )
