@@ -48,6 +48,24 @@ def test_default_model_is_bundled_and_described() -> None:
     assert meta.provenance["selection"].startswith("last step")
 
 
+def test_bf16_keeps_the_default_models_class_map(tmp_path: Path) -> None:
+    """bf16 autocast on the CPU changes the class of few pixels. It checks the kernels of the CPU it
+    runs on: on a Xeon with AMX (torch 2.11) a wrong bf16 convolution kernel once changed 11 % of
+    the Zion scene's pixels; 0.11 % differ since that convolution runs in fp32 (README, Performance)."""
+    from geoseg.config import PredictConfig
+    from geoseg.pipeline import predict_scene
+
+    sample = Path(__file__).resolve().parents[1] / "sample_data" / "zion_sample.tif"
+    maps = {}
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / f"{precision}.tif"
+        predict_scene(sample, out, PredictConfig(device="cpu", precision=precision))
+        with rasterio.open(out) as src:
+            maps[precision] = src.read(1)
+    agreement = (maps["fp32"] == maps["bf16"]).mean()
+    assert agreement >= 0.995, f"bf16 agrees with fp32 on {agreement:.2%} of the sample's pixels"
+
+
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"shared data not found at {SHARED_DATA}")
 def test_default_model_on_the_zion_test_strip(tmp_path: Path) -> None:
     from geoseg.config import PredictConfig

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from geoseg.segformer import (
     VARIANTS,
     SegformerConfig,
+    SegformerEfficientSelfAttention,
     SegformerForSemanticSegmentation,
     _drop_path,
     segformer_config,
@@ -256,6 +257,24 @@ def test_decoder_runs_in_fp32_under_autocast_and_encoder_in_bf16():
         exact = model.decode_head([f.float() for f in features])
     torch.testing.assert_close(logits, exact)
     torch.testing.assert_close(reference, exact)
+
+
+def test_spatial_reduction_runs_in_fp32_under_autocast():
+    # torch 2.11's CPU bf16 kernel for this convolution was wrong on a Xeon with AMX (README,
+    # Performance): the reduction runs in fp32 whatever autocast says, on an fp32 copy of its input.
+    model = build(tiny_config()).eval()
+    randomize_(model)
+    reductions = [m.sr for m in model.modules() if isinstance(m, SegformerEfficientSelfAttention) and m.sr_ratio > 1]
+    assert reductions
+    seen = []
+    for sr in reductions:
+        sr.register_forward_hook(lambda module, args, out: seen.append((module, args[0], out)))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(pixels(1, 4, 64, 64))
+    assert len(seen) == len(reductions)
+    for module, inputs, out in seen:
+        assert inputs.dtype == out.dtype == torch.float32
+        torch.testing.assert_close(out, F.conv2d(inputs, module.weight, module.bias, stride=module.stride))
 
 
 # --------------------------------------------------------------------------- configs and variants
