@@ -116,7 +116,7 @@ class TrainConfig:
         contrast: Largest per-band relative contrast change.
         band_dropout: Probability that a window has one band set to its mean.
         seed: Seed of weights, sampling and augmentation: the same seed gives the same model.
-        precision: ``fp32``, ``bf16`` (autocast) or ``auto`` (bf16 on CUDA and on CPUs with native bf16).
+        precision: ``fp32``, ``bf16`` (autocast) or ``auto`` (bf16 on CUDA, fp32 on the CPU).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         threads: CPU threads for torch (``None``: torch's default).
         tile_size: Tile size suggested to ``geoseg predict`` and used for validation.

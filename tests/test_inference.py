@@ -80,8 +80,9 @@ def test_native_bf16_needs_onednn_and_a_bf16_instruction_set(
 
 
 @pytest.mark.parametrize("native", [True, False])
-def test_auto_precision_on_the_cpu_follows_native_bf16(monkeypatch: pytest.MonkeyPatch, native: bool) -> None:
+def test_auto_precision_on_the_cpu_is_fp32_even_with_native_bf16(monkeypatch: pytest.MonkeyPatch, native: bool) -> None:
+    # measured on a Xeon with AMX: bf16 no faster than fp32 for B0, slower for the bundled model
     monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: native)
-    assert resolve_precision("auto", torch.device("cpu")) == ("bf16" if native else "fp32")
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
     assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
     assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
