@@ -7,7 +7,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import fiona
 import numpy as np
 import pytest
 import rasterio
@@ -24,6 +23,8 @@ from geoseg.errors import InputError
 from geoseg.io import open_scene
 from geoseg.outputs import OutputOptions
 from geoseg.pipeline import plan_grid, predict_scene
+
+fiona = pytest.importorskip("fiona")  # reads the park boundary (geoseg[vector])
 
 ZION = ("zion-landsat8-nlcd", "image_rgbn.tif")
 PARK = ("zion-landsat8-nlcd", "zion_park_boundary.gpkg")

@@ -1,3 +1,4 @@
+import importlib.util
 import json
 import sqlite3
 import struct
@@ -16,6 +17,8 @@ from geoseg.labels import IGNORE, ClassMap, Grid, Region, open_labels, parse_reg
 from geoseg.modelfile import ClassSpec
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# fiona is an extra (geoseg[vector], which CI installs); the tests that read vector files skip without it
+needs_fiona = pytest.mark.skipif(importlib.util.find_spec("fiona") is None, reason="fiona is not installed (pip install 'geoseg[vector]')")
 CRS_UTM = "EPSG:32618"
 TRANSFORM = Affine(10.0, 0.0, 500000.0, 0.0, -10.0, 4200000.0)
 GRID = Grid(40, 30, CRS.from_string(CRS_UTM), TRANSFORM)
@@ -143,6 +146,7 @@ def test_vector_labels_are_reprojected(tmp_path: Path) -> None:
     assert inside[11:19, 11:19].all() and not inside[:9].any() and not inside[:, :9].any()
 
 
+@needs_fiona
 def test_geopackage_labels(tmp_path: Path) -> None:
     path = write_gpkg(tmp_path / "fields.gpkg", [(pixel_box(0, 0, 4, 4), {"landcover": "URBAN"})])
     data = read_vector(path)
@@ -153,6 +157,7 @@ def test_geopackage_labels(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"shared data not found at {SHARED_DATA}")
+@needs_fiona
 def test_real_geopackage_reads() -> None:
     data = read_vector(SHARED_DATA / "zion-landsat8-nlcd" / "zion_park_boundary.gpkg")
     assert len(data.geometries) == 1 and data.crs is not None and data.crs.is_projected
