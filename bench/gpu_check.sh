@@ -7,6 +7,7 @@
 #      default readers and with one;
 #   3. how often bf16 and fp16 change the class map on the GPU (bench_precision);
 #   4. a profile of the calling thread during one GPU predict (where its time goes).
+# QUICK=1 leaves out the one-reader run and the profile (for a short lease).
 # bench/bench_read.py gives the reader's ceiling with 1..N threads (CPU only).
 # Logs go to $OUT (default bench/out/gpu).
 set -uo pipefail
@@ -32,12 +33,17 @@ section "bench_predict cuda bf16 batch ${GPU_BATCH:-32}"
 timeout 200 python3 bench/bench_predict.py --device cuda --precision bf16 --batch-size "${GPU_BATCH:-32}" --repeat 2 \
     --seconds 5 --rss '' --warm 2>&1 | tee "$OUT/predict_bf16.log"
 
+if [ -z "${QUICK:-}" ]; then
 section "bench_predict cuda bf16 batch ${GPU_BATCH:-32}, one reader"
 timeout 200 python3 bench/bench_predict.py --device cuda --precision bf16 --batch-size "${GPU_BATCH:-32}" --repeat 1 \
     --seconds 3 --rss '' --warm --reader-threads 1 2>&1 | tee "$OUT/predict_bf16_1reader.log"
 
+fi
+
 section "bench_precision cuda"
 timeout 120 python3 bench/bench_precision.py --device cuda --precisions fp32,bf16,fp16 2>&1 | tee "$OUT/precision.log"
+
+[ -n "${QUICK:-}" ] && exit 0
 
 section "profile of one GPU predict (calling thread)"
 timeout 120 python3 -m cProfile -o "$OUT/predict.prof" -m geoseg predict bench/out/zion_8192.tif "$OUT/p.tif" \
