@@ -4,6 +4,7 @@ Prints figures; asserts nothing. Run from the repository root:
 
     python bench/bench_predict.py                      # bundled model, 8192 px scene, RSS on 2048 and 8192 px
     python bench/bench_predict.py --model m.safetensors --scene-px 4096 --rss 2048,8192 --repeat 5
+    python bench/bench_predict.py --repeat 1 --rss 2048,40000x1024,16384   # peaks of a 40,000 px wide strip too
 
 (a) model only: the network on random tiles already in memory (no reading, blending, writing),
     converted to unique megapixels per second with the scene's own tile grid (each tile counts
@@ -88,7 +89,8 @@ def main() -> None:
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seconds", type=float, default=15.0, help="time spent on the model-only figure")
-    parser.add_argument("--rss", default="2048,8192", help="scene edges for the peak-RSS figures ('' to skip)")
+    parser.add_argument("--rss", default="2048,8192",
+                        help="scenes for the peak-RSS figures: square edges or WIDTHxHEIGHT ('' to skip)")
     parser.add_argument("--repeat", type=int, default=3, help="rounds of (a), (b) and the RSS runs")
     parser.add_argument("--reader-threads", type=int, help="passed to geoseg predict [its default]")
     parser.add_argument("--warm", action="store_true", help="also (c): predict_scene in process, warm")
@@ -118,10 +120,10 @@ def main() -> None:
     extra += ["--tile", str(grid.tile_px), "--overlap", str(grid.overlap_px)]
     if args.reader_threads is not None:
         extra += ["--reader-threads", str(args.reader_threads)]
-    sizes = [int(s) for s in args.rss.split(",") if s]
+    sizes = [s for s in args.rss.split(",") if s]
     scene_mp = checked.width * checked.height / 1e6
     ratios, model_figures, e2e_figures = [], [], []
-    peaks: dict[int, list[float]] = {size: [] for size in sizes}
+    peaks: dict[str, list[float]] = {size: [] for size in sizes}
     for run in range(1, args.repeat + 1):
         tiles_per_s = model_only_tiles_per_s(model, grid.tile_px, config.batch_size, device, precision, args.seconds)
         model_mps = tiles_per_s * unique_px_per_tile / 1e6
@@ -134,10 +136,12 @@ def main() -> None:
               f"(b) geoseg predict {wall:6.2f} s = {e2e_mps:.3f} MP/s (peak RSS {peak:.0f} MiB); "
               f"b/a = {ratios[-1]:.3f}", flush=True)
         for size in sizes:
-            if size == args.scene_px:
+            if size == str(args.scene_px):
                 peaks[size].append(peak)  # the same command on the same scene: no need to run it again
                 continue
-            peaks[size].append(run_predict(build_mosaic(size), model_path, extra)[1])
+            width, _, height = size.partition("x")
+            mosaic = build_mosaic(int(width), height_px=int(height) if height else None)
+            peaks[size].append(run_predict(mosaic, model_path, extra)[1])
     if args.warm:
         warm = []
         settings = config.replace(tile=grid.tile_px, overlap=grid.overlap_px, device=str(device), precision=precision)
@@ -152,7 +156,9 @@ def main() -> None:
     print(f"(b) geoseg predict (CLI): {_spread(e2e_figures)} MP/s (wall clock incl. start-up)")
     print(f"ratio b/a, pair by pair:  {_spread(ratios)}")
     for size in sizes:
-        print(f"peak RSS {size}x{size} ({size * size / 1e6:5.1f} MP): {_spread(peaks[size], '.0f')} MiB")
+        width, _, height = size.partition("x")
+        megapixels = int(width) * int(height or width) / 1e6
+        print(f"peak RSS {width}x{height or width} ({megapixels:5.1f} MP): {_spread(peaks[size], '.0f')} MiB")
     if len(sizes) >= 2:
         growth = [100 * (big / small - 1) for small, big in zip(peaks[sizes[0]], peaks[sizes[-1]])]
         print(f"peak RSS growth {sizes[0]} -> {sizes[-1]} px, run by run: {_spread(growth, '+.1f')} %")

@@ -5,6 +5,7 @@ the requested size, written block row by block row (never the whole mosaic in me
 256 x 256 and deflate-compressed like the source, with the source's CRS and pixel size.
 
     python bench/scenes.py 2048 8192        # writes bench/out/zion_2048.tif, zion_8192.tif
+    python bench/scenes.py 40000x1024       # a strip 40,000 px wide: bench/out/zion_40000x1024.tif
 """
 
 from __future__ import annotations
@@ -27,9 +28,12 @@ def mirrored_indices(length: int, period: int) -> np.ndarray:
     return np.where(i < period, i, 2 * period - 1 - i)
 
 
-def build_mosaic(size_px: int, path: Path | None = None, source: Path = ZION) -> Path:
-    """Write a ``size_px`` square mosaic of ``source``; reuse it if it already exists."""
-    path = path or OUT / f"zion_{size_px}.tif"
+def build_mosaic(size_px: int, path: Path | None = None, source: Path = ZION, height_px: int | None = None) -> Path:
+    """Write a mosaic of ``source``, ``size_px`` wide and ``height_px`` (default: as wide) tall;
+    reuse it if it already exists."""
+    height_px = height_px or size_px
+    name = f"zion_{size_px}" if height_px == size_px else f"zion_{size_px}x{height_px}"
+    path = path or OUT / f"{name}.tif"
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -37,7 +41,7 @@ def build_mosaic(size_px: int, path: Path | None = None, source: Path = ZION) ->
         image = src.read()  # 13 MB: the small source is fine in memory; the mosaic is not
         profile = src.profile | {
             "width": size_px,
-            "height": size_px,
+            "height": height_px,
             "tiled": True,
             "blockxsize": 256,
             "blockysize": 256,
@@ -47,8 +51,8 @@ def build_mosaic(size_px: int, path: Path | None = None, source: Path = ZION) ->
     cols = mirrored_indices(size_px, image.shape[2])
     tmp = path.with_suffix(".partial.tif")
     with rasterio.open(tmp, "w", **profile) as dst:
-        for top in range(0, size_px, 256):
-            rows = mirrored_indices(size_px, image.shape[1])[top : top + 256]
+        for top in range(0, height_px, 256):
+            rows = mirrored_indices(height_px, image.shape[1])[top : top + 256]
             block = image[:, rows][:, :, cols]
             dst.write(block, window=Window(0, top, size_px, len(rows)))
     tmp.rename(path)
@@ -57,4 +61,5 @@ def build_mosaic(size_px: int, path: Path | None = None, source: Path = ZION) ->
 
 if __name__ == "__main__":
     for arg in sys.argv[1:] or ["2048", "8192"]:
-        print(build_mosaic(int(arg)))
+        width, _, height = arg.partition("x")
+        print(build_mosaic(int(width), height_px=int(height) if height else None))
