@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peak import run_with_peak  # noqa: E402
-from scenes import OUT, build_mosaic  # noqa: E402
+from scenes import OUT, build_mosaic, parse_size  # noqa: E402
 
 from geoseg._malloc import reuse_freed_memory  # noqa: E402
 from geoseg.config import PredictConfig  # noqa: E402
@@ -139,9 +139,8 @@ def main() -> None:
             if size == str(args.scene_px):
                 peaks[size].append(peak)  # the same command on the same scene: no need to run it again
                 continue
-            width, _, height = size.partition("x")
-            mosaic = build_mosaic(int(width), height_px=int(height) if height else None)
-            peaks[size].append(run_predict(mosaic, model_path, extra)[1])
+            width, height = parse_size(size)
+            peaks[size].append(run_predict(build_mosaic(width, height_px=height), model_path, extra)[1])
     if args.warm:
         warm = []
         settings = config.replace(tile=grid.tile_px, overlap=grid.overlap_px, device=str(device), precision=precision)
@@ -156,9 +155,8 @@ def main() -> None:
     print(f"(b) geoseg predict (CLI): {_spread(e2e_figures)} MP/s (wall clock incl. start-up)")
     print(f"ratio b/a, pair by pair:  {_spread(ratios)}")
     for size in sizes:
-        width, _, height = size.partition("x")
-        megapixels = int(width) * int(height or width) / 1e6
-        print(f"peak RSS {width}x{height or width} ({megapixels:5.1f} MP): {_spread(peaks[size], '.0f')} MiB")
+        width, height = parse_size(size)
+        print(f"peak RSS {width}x{height} ({width * height / 1e6:5.1f} MP): {_spread(peaks[size], '.0f')} MiB")
     if len(sizes) >= 2:
         growth = [100 * (big / small - 1) for small, big in zip(peaks[sizes[0]], peaks[sizes[-1]])]
         print(f"peak RSS growth {sizes[0]} -> {sizes[-1]} px, run by run: {_spread(growth, '+.1f')} %")

@@ -28,6 +28,12 @@ def mirrored_indices(length: int, period: int) -> np.ndarray:
     return np.where(i < period, i, 2 * period - 1 - i)
 
 
+def parse_size(text: str) -> tuple[int, int]:
+    """``"2048"`` -> (2048, 2048); ``"40000x1024"`` -> (40000, 1024): width and height in pixels."""
+    width, _, height = text.partition("x")
+    return int(width), int(height or width)
+
+
 def build_mosaic(size_px: int, path: Path | None = None, source: Path = ZION, height_px: int | None = None) -> Path:
     """Write a mosaic of ``source``, ``size_px`` wide and ``height_px`` (default: as wide) tall;
     reuse it if it already exists."""
@@ -61,5 +67,5 @@ def build_mosaic(size_px: int, path: Path | None = None, source: Path = ZION, he
 
 if __name__ == "__main__":
     for arg in sys.argv[1:] or ["2048", "8192"]:
-        width, _, height = arg.partition("x")
-        print(build_mosaic(int(width), height_px=int(height) if height else None))
+        width, height = parse_size(arg)
+        print(build_mosaic(width, height_px=height))

@@ -256,11 +256,14 @@ class TrainConfig:
         return parse_region(self.train_rows, self.train_window, self.train_aoi)
 
     @property
+    def has_validation(self) -> bool:
+        """Whether the run has a validation region (without one it keeps its last step)."""
+        return bool(self.val_rows or self.val_window or self.val_aoi)
+
+    @property
     def val_region(self) -> Region | None:
-        """The validation region, or ``None`` when the run has none (it then keeps its last step)."""
-        if not (self.val_rows or self.val_window or self.val_aoi):
-            return None
-        return parse_region(self.val_rows, self.val_window, self.val_aoi)
+        """The validation region, or ``None`` when the run has none."""
+        return parse_region(self.val_rows, self.val_window, self.val_aoi) if self.has_validation else None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable settings (tuples become lists)."""
@@ -620,7 +623,7 @@ def _scan(config: TrainConfig, class_map: ClassMap, meta: ModelMetadata) -> _Dat
     val_pixels = 0
     keys: list[npt.NDArray[np.float64]] = [np.empty(0) for _ in range(k)]
     positions: list[npt.NDArray[np.int64]] = [np.empty((0, 3), np.int64) for _ in range(k)]
-    val_region = config.val_region
+    val_region = config.val_region  # parsed once, bound to each image
     try:
         for index, (image_path, label_path) in enumerate(zip(config.images, config.labels, strict=True)):
             scene = open_scene(image_path, meta, config.bands)
@@ -684,7 +687,7 @@ def _scan(config: TrainConfig, class_map: ClassMap, meta: ModelMetadata) -> _Dat
         "training pixels: %d (labelled per class: %s); validation pixels: %s",
         count,
         ", ".join(f"{n}={int(v)}" for n, v in zip(class_map.names, class_pixels, strict=True)),
-        val_pixels if val_region is not None else "none (no validation region)",
+        val_pixels if config.has_validation else "none (no validation region)",
     )
     return dataset
 
@@ -708,7 +711,7 @@ def _count_labelled(image: _ImageData, region: BoundRegion) -> int:
 
 def _check_dataset(config: TrainConfig, data: _Dataset, count: int, val_pixels: int) -> None:
     where = ", ".join(config.images)
-    if config.val_region is not None and val_pixels == 0:
+    if config.has_validation and val_pixels == 0:
         raise InputError(
             f"{where}: the validation region ({config.val_region.describe()}) holds no labelled pixel; "
             "choose a region that overlaps the labels"
@@ -846,7 +849,7 @@ class WindowSampler:
             if image.val is not None and image.val.intersects(window):
                 continue  # never let a training window see the validation region
             return image, window
-        region = self.config.val_region.describe() if self.config.val_region is not None else "none"
+        region = self.config.val_region.describe() if self.config.has_validation else "none"
         raise InputError(
             f"no {w} px training window avoids the validation region ({region}); "
             "use a smaller window_px or separate the regions"
@@ -1045,39 +1048,34 @@ def _fit(
                     log.info("step %d/%d loss %.4f lr %.2e", step, config.steps, np.mean(running), lr)
             epoch += 1
             epochs_run += 1
+            loss = float(np.mean(losses))
             metrics = None
-            if config.val_region is not None:
+            val_miou, val_overall_accuracy, val_iou = float("nan"), float("nan"), ()
+            if config.has_validation:
                 metrics = validate(network, data, metadata, device, precision, config.batch_size)
-                latest_miou = metrics.miou
+                latest_miou = val_miou = metrics.miou
+                val_overall_accuracy = metrics.overall_accuracy
+                val_iou = tuple(None if math.isnan(v) else round(float(v), 6) for v in metrics.iou)
+                log.info("epoch %d (step %d): loss %.4f, validation mIoU %.4f, OA %.4f",
+                         epoch, step, loss, val_miou, val_overall_accuracy)
+            else:
+                log.info("epoch %d (step %d): loss %.4f", epoch, step, loss)
             record = EpochRecord(
                 epoch=epoch,
                 step=step,
-                loss=float(np.mean(losses)),
+                loss=loss,
                 lr=learning_rate(config, step - 1),
-                val_miou=metrics.miou if metrics else float("nan"),
-                val_overall_accuracy=metrics.overall_accuracy if metrics else float("nan"),
-                val_iou=tuple(None if math.isnan(v) else round(float(v), 6) for v in metrics.iou)
-                if metrics
-                else (),
+                val_miou=val_miou,
+                val_overall_accuracy=val_overall_accuracy,
+                val_iou=val_iou,
                 seconds=time.perf_counter() - epoch_started,
             )
             history.append(record)
             bar.set_postfix(loss=f"{np.mean(running):.3f}", mIoU=f"{latest_miou:.3f}")
-            if metrics is None:
-                log.info("epoch %d (step %d): loss %.4f", epoch, step, record.loss)
-            else:
-                log.info(
-                    "epoch %d (step %d): loss %.4f, validation mIoU %.4f, OA %.4f",
-                    epoch,
-                    step,
-                    record.loss,
-                    metrics.miou,
-                    metrics.overall_accuracy,
-                )
             # Without validation there is nothing to choose by: each epoch replaces the last.
             if metrics is None or metrics.miou > best["miou"]:
                 best = {
-                    "miou": metrics.miou if metrics else float("nan"),
+                    "miou": val_miou,
                     "epoch": epoch,
                     "step": step,
                     "metrics": metrics.to_dict() if metrics else None,
@@ -1125,7 +1123,7 @@ def _with_provenance(
     for key in ("classes", "init_model", "pretrained", "train_aoi", "val_aoi"):
         if settings.get(key):
             settings[key] = os.path.basename(settings[key])
-    if config.val_region is None:
+    if not config.has_validation:
         selection = {
             "train_region": config.train_region.describe(),
             "val_region": None,
