@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peak import run_with_peak  # noqa: E402
 from scenes import OUT, build_mosaic, parse_size  # noqa: E402
 
-from geoseg._malloc import reuse_freed_memory  # noqa: E402
+from geoseg._malloc import reuse_freed_memory, tcmalloc_environment  # noqa: E402
 from geoseg.config import PredictConfig  # noqa: E402
 from geoseg.inference import resolve_device, resolve_precision  # noqa: E402
 from geoseg.io import open_scene  # noqa: E402
@@ -71,6 +71,14 @@ def model_only_tiles_per_s(model, tile: int, batch: int, device, precision: str,
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
     return done * batch / elapsed
+
+
+def predict_allocator() -> str:
+    """The malloc the ``geoseg predict`` children will run on (geoseg/_malloc.py)."""
+    preloaded = tcmalloc_environment(dict(os.environ), ["predict"])
+    if preloaded is not None:
+        return f"tcmalloc ({preloaded['LD_PRELOAD']})"
+    return f"LD_PRELOAD={os.environ['LD_PRELOAD']}" if os.environ.get("LD_PRELOAD") else "the system's malloc"
 
 
 def run_predict(scene: Path, model: Path, extra: list[str]) -> tuple[float, float]:
@@ -112,6 +120,7 @@ def main() -> None:
 
     print(f"machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)")
     print(f"model: {model.metadata.name} ({model.metadata.variant}), {model_path.name}")
+    print(f"allocator of geoseg predict: {predict_allocator()} (GEOSEG_ALLOCATOR=system for glibc's)")
     print(
         f"settings: device {device}, precision {precision}, tile {grid.tile_px}, overlap {grid.overlap_px}, "
         f"batch {config.batch_size}; scene {checked.width}x{checked.height} = {len(grid)} tiles"

@@ -18,7 +18,7 @@ from typing import Any, get_args
 
 import click
 
-from ._malloc import reuse_freed_memory
+from ._malloc import missing_tcmalloc_warning, reuse_freed_memory, tcmalloc_environment
 from ._version import __version__
 from .errors import GeosegError
 from .outputs import ProbabilityDtype
@@ -87,6 +87,25 @@ def main() -> None:
     # Freed activations are reused for the next batch instead of unmapped and faulted back in:
     # predict on an 8192 px scene 51 s -> 43 s on 2 cores (geoseg/_malloc.py).
     reuse_freed_memory()
+
+
+def run() -> None:
+    """The ``geoseg`` program: :func:`main`, re-run first under tcmalloc where that applies.
+
+    Tests call :func:`main` (click's group) directly and never re-run the process.
+    """
+    try:
+        environment = tcmalloc_environment(dict(os.environ), sys.argv[1:])
+    except ValueError as err:
+        click.echo(f"Error: {err}", err=True)
+        raise SystemExit(2) from None
+    missing = missing_tcmalloc_warning(dict(os.environ))
+    if missing is not None:
+        click.echo(f"Warning: {missing}", err=True)
+    if environment is not None:
+        # Same PID, same arguments (interpreter flags included), a malloc of its own from the start.
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environment)
+    main()
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")

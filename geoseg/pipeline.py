@@ -26,6 +26,7 @@ import rasterio
 import rasterio.env
 
 from ._machine import physical_memory_bytes, usable_cores
+from ._malloc import loaded_allocator
 from ._version import __version__
 from .aoi import AreaOfInterest, aoi_label, load_aoi
 from .blend import FinishedRows, TileBlender
@@ -166,6 +167,7 @@ def predict_scene(
         model = source.calibrate(model)
         log.info("%s: %dx%d px, bands %s (%s)",
                  source.name, scene.width, scene.height, list(scene.band_indexes), scene.band_source)
+        log.debug("memory allocator: %s", loaded_allocator())
         if config.threads:
             import torch
 
