@@ -135,7 +135,7 @@ def main() -> None:
             source = resolve_source(src, meta)
             scene = open_scene(source.path, meta, name=source.name)
             grid = plan_grid(scene, meta, config)
-            rasterio.env.setenv(GDAL_CACHEMAX=block_cache_bytes(scene, grid, source.block_rows))
+            rasterio.env.setenv(GDAL_CACHEMAX=block_cache_bytes(scene, grid, source.block_shape))
             start = time.perf_counter()
             with SceneReader(scene, *meta.normalization.multiplier_and_bias()) as reader:
                 for tile in grid:

@@ -47,8 +47,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "default.safetensors"
 # NOTE: GDAL's block cache defaults to 5 % of RAM and would grow with the scene; a cap keeps
-# memory flat. It must hold the input blocks of the tile rows in flight, or blocks are decoded (and
-# remote ones fetched) twice: at least this much, more for wide scenes (see block_cache_bytes).
+# memory flat. It must hold the input blocks around the tiles being read: at least this much, more
+# for large blocks, strips and several readers (see block_cache_bytes).
 GDAL_CACHE_MB = 16
 # GDAL settings for reading remote files in windows; a variable of the same name in the
 # environment wins. GDAL doubles the retry delay after each retry (with some jitter).
@@ -162,7 +162,7 @@ def predict_scene(
         grid = plan_grid(scene, model.metadata, config)
         readers = reader_threads(config, device)
         if "GDAL_CACHEMAX" not in os.environ:
-            cache = block_cache_bytes(scene, grid, source.block_rows, readers)
+            cache = block_cache_bytes(scene, grid, source.block_shape, readers)
             rasterio.env.setenv(GDAL_CACHEMAX=cache)
         model = source.calibrate(model)
         log.info("%s: %dx%d px, bands %s (%s)",
@@ -254,8 +254,8 @@ def gdal_options() -> dict[str, Any]:
 
     No directory listing on open (a remote listing costs a request per open, and sidecar files
     are not needed); the block cache capped at ``GDAL_CACHE_MB`` (GDAL's default, 5 % of RAM,
-    would grow with the scene; :func:`predict_scene` raises it for wide scenes); for remote
-    files, retries with back-off, timeouts, merged range requests and a larger cache of fetched
+    would grow with the scene; :func:`predict_scene` raises it for large blocks and strips); for
+    remote files, retries with back-off, timeouts, merged range requests and a larger cache of fetched
     bytes (``REMOTE_GDAL_OPTIONS``). A setting already in the environment wins.
     """
     # NOTE: rasterio hands an integer GDAL_CACHEMAX to GDALSetCacheMax64, which takes bytes, not MB.
@@ -265,33 +265,37 @@ def gdal_options() -> dict[str, Any]:
 
 
 def block_cache_bytes(
-    scene: Scene, grid: TileGrid, block_rows: int | None = None, readers: int = 1
+    scene: Scene, grid: TileGrid, block_shape: tuple[int, int] | None = None, readers: int = 1
 ) -> int:
-    """A GDAL block cache just big enough that each input block is decoded (or fetched) once.
+    """A GDAL block cache that holds the input blocks around each reader's current tile.
 
-    Tiles are read row by row, left to right, so a tile row touches ``ceil(tile / block) + 1``
-    rows of blocks across the whole width, and the next tile row needs the lowest of them again.
-    The cache (least recently used out first) must hold all of them, plus half a block row of slack
-    for the output blocks written through the same cache; measured on a 8192 px wide scene with
-    256 px tiles and blocks, a cache of exactly two block rows already decoded some blocks twice
-    (tile scan 2.45 s against 2.03 s), 2.5 rows did not. A VRT band stack caches its own blocks
-    beside its sources', hence the factor 2 for VRTs. At least ``GDAL_CACHE_MB``, at most a
-    quarter of the machine's memory: anything larger only grows memory with the scene's width.
+    A tile is cut from the ``ceil(tile / block) + 1`` rows of blocks it touches, and the next tile
+    to its right reuses most of them, so each reader needs the blocks around one tile (a tile plus
+    two blocks wide; the whole width for strips, whose blocks span it), plus half a block row of
+    slack for the output blocks written through the same cache. A VRT band stack caches its own
+    blocks beside its sources', hence the factor 2 for VRTs. At least ``GDAL_CACHE_MB``, at most a
+    quarter of the machine's memory.
 
-    Several ``readers`` (each its own dataset handle, each its own cached blocks) read batches of
-    tiles in turn, so a reader's next batch lies elsewhere and blocks are rarely
-    shared between its batches: each reader only reuses blocks between neighbouring tiles of a
-    batch, so it needs the blocks around one tile (a tile plus two blocks wide), and the cache
-    no longer grows with the width.
+    The cache does not keep a tile row's blocks for the next tile row, whose top rows lie in the
+    same blocks: that would take 2.5 block rows across the whole width (42 MB for a 4-band uint16
+    scene 8192 px wide, 205 MB at 40,000 px), the one part of ``geoseg predict``'s memory that grew
+    with the scene. Without it the blocks along a tile row's lower edge are decoded twice: about
+    2 % more CPU time on an 8192 px scene (bench/bench_predict.py, README Performance); remote
+    bytes are not fetched twice (``CPL_VSIL_CURL_CACHE_SIZE``).
+
+    Args:
+        scene: The scene read.
+        grid: Its tile grid.
+        block_shape: ``(rows, cols)`` of the largest blocks read; the scene's own by default (a
+            band stack passes its files').
+        readers: Reading threads, each with its own dataset handle and blocks.
     """
-    block_rows = block_rows or 256  # GeoTIFF's usual block; a VRT does not tell its sources'
+    block_rows, block_cols = block_shape or scene.block_shape
     rows = (-(-grid.tile_px // block_rows) + 1) * block_rows + block_rows // 2
+    columns = min(scene.width, grid.tile_px + 2 * block_cols)
     itemsize = np.dtype(scene.dtype).itemsize
     copies = 2 if scene.path.lstrip().startswith("<") else 1
-    width = scene.width
-    if readers > 1:
-        width = readers * min(scene.width, grid.tile_px + 2 * block_rows)
-    needed = copies * width * min(rows, scene.height) * len(scene.band_indexes) * itemsize
+    needed = copies * readers * columns * min(rows, scene.height) * len(scene.band_indexes) * itemsize
     return int(max(GDAL_CACHE_MB << 20, min(needed, physical_memory_bytes() // 4)))
 
 

@@ -75,8 +75,8 @@ class ResolvedSource:
         scale: Per model band, from a STAC Item's ``raster:bands``: physical value = stored value
             * scale + offset; ``None`` when the item declares none.
         offset: See ``scale``.
-        block_rows: The tallest block of the files read, in pixels (sizes the block cache);
-            ``None`` when not looked at.
+        block_shape: The tallest and the widest block of the files read, ``(rows, cols)`` in
+            pixels (sizes the block cache); ``None`` when not looked at (then the scene's own).
     """
 
     path: str
@@ -85,7 +85,7 @@ class ResolvedSource:
     tag: str
     scale: tuple[float, ...] | None = None
     offset: tuple[float, ...] | None = None
-    block_rows: int | None = None
+    block_shape: tuple[int, int] | None = None
 
     def calibrate(self, model: LoadedModel) -> LoadedModel:
         """The model to run on this source.
@@ -300,7 +300,7 @@ def stack_bands(
         name=name,
         files=tuple(srcs),
         tag=",".join(_basename(label) for label in labels),
-        block_rows=max(f.block_shape[0] for f in files),
+        block_shape=(max(f.block_shape[0] for f in files), max(f.block_shape[1] for f in files)),
     )
 
 

@@ -298,27 +298,35 @@ def test_gdal_options_for_remote_reads(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "GDAL_HTTP_MAX_RETRY" not in gdal_options()  # the environment wins
 
 
-def test_block_cache_holds_the_tile_rows_in_flight(make_scene, tiny_metadata) -> None:
+def test_block_cache_holds_the_blocks_around_each_readers_tile(make_scene, tiny_metadata) -> None:
     from geoseg.io import open_scene
 
     meta = tiny_metadata()
-    scene = open_scene(make_scene(width=96, height=80), meta)
-    assert block_cache_bytes(scene, plan_grid(scene, meta, PredictConfig())) == GDAL_CACHE_MB << 20
-    wide = type(scene)(**{**scene.__dict__, "width": 40_000, "height": 40_000})
+    small = open_scene(make_scene(width=96, height=80), meta)
+    assert block_cache_bytes(small, plan_grid(small, meta, PredictConfig())) == GDAL_CACHE_MB << 20
+    tiled = open_scene(make_scene("tiled.tif", width=600, height=700, tiled=True, blocksize=256), meta)
+    assert tiled.block_shape == (256, 256)
+    wide = type(tiled)(**{**tiled.__dict__, "width": 40_000, "height": 40_000})
     grid = plan_grid(wide, meta, PredictConfig(tile=512, overlap=64))
-    # a 512 px tile row touches two rows of 1024 px blocks: 40000 px x 2.5 x 1024 rows x 4 bands x
-    # 2 bytes, well above the floor; 256 px blocks: three block rows and a half
-    assert block_cache_bytes(wide, grid, block_rows=1024) == min(40_000 * 2560 * 4 * 2, _memory() // 4)
-    assert block_cache_bytes(wide, grid, block_rows=256) == min(40_000 * 896 * 4 * 2, _memory() // 4)
+    # a 512 px tile touches three rows of 256 px blocks (3.5 with slack) and three columns: the
+    # cache no longer holds whole block rows for the next tile row, so the width does not matter
+    assert block_cache_bytes(wide, grid) == GDAL_CACHE_MB << 20
+    assert block_cache_bytes(wide, grid) == block_cache_bytes(
+        type(wide)(**{**wide.__dict__, "width": 4_000}), grid
+    )
+    # large blocks: 1024 px, two block rows plus half a one, a tile plus two blocks wide
+    assert block_cache_bytes(wide, grid, (1024, 1024)) == (512 + 2048) * 2560 * 4 * 2
+    # strips span the width: the strips under a tile row are all needed while it is read
+    strips = type(wide)(**{**wide.__dict__, "block_shape": (16, 40_000)})
+    rows = (512 // 16 + 1) * 16 + 8
+    assert block_cache_bytes(strips, grid) == min(40_000 * rows * 4 * 2, _memory() // 4)
     # a VRT band stack caches its own blocks beside its sources': twice as much
-    stack = type(scene)(**{**wide.__dict__, "path": "<VRTDataset/>"})
-    assert block_cache_bytes(stack, grid, block_rows=1024) == min(2 * 40_000 * 2560 * 4 * 2, _memory() // 4)
-    # several readers: each holds the blocks around its current tile (the tile plus two blocks
-    # wide), whatever the width and batch size; never wider than the scene
-    per_reader = 512 + 2 * 1024
-    assert block_cache_bytes(wide, grid, 1024, readers=8) == 8 * per_reader * 2560 * 4 * 2
-    narrow = type(scene)(**{**wide.__dict__, "width": 600})
-    assert block_cache_bytes(narrow, grid, 1024, readers=2) == max(
+    stack = type(wide)(**{**wide.__dict__, "path": "<VRTDataset/>"})
+    assert block_cache_bytes(stack, grid, (1024, 1024)) == 2 * (512 + 2048) * 2560 * 4 * 2
+    # several readers: each holds the blocks around its own tile; never wider than the scene
+    assert block_cache_bytes(wide, grid, (1024, 1024), readers=8) == 8 * (512 + 2048) * 2560 * 4 * 2
+    narrow = type(wide)(**{**wide.__dict__, "width": 600})
+    assert block_cache_bytes(narrow, grid, (1024, 1024), readers=2) == max(
         2 * 600 * 2560 * 4 * 2, GDAL_CACHE_MB << 20
     )
 
