@@ -109,8 +109,7 @@ def tcmalloc_environment(environ: dict[str, str], args: list[str]) -> dict[str, 
     choice = environ.get(ALLOCATOR_VARIABLE, "auto").strip().lower() or "auto"
     if choice not in ALLOCATORS:
         raise ValueError(f"{ALLOCATOR_VARIABLE}={choice!r}: expected one of {', '.join(ALLOCATORS)}")
-    command = next((arg for arg in args if not arg.startswith("-")), None)
-    if choice == "system" or command not in HEAVY_COMMANDS or not sys.platform.startswith("linux"):
+    if choice == "system" or not runs_networks(args) or not sys.platform.startswith("linux"):
         return None
     if environ.get("LD_PRELOAD"):
         return None
@@ -121,9 +120,15 @@ def tcmalloc_environment(environ: dict[str, str], args: list[str]) -> dict[str, 
     return environ | {"LD_PRELOAD": library, "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(1 << 40)}
 
 
-def missing_tcmalloc_warning(environ: dict[str, str]) -> str | None:
-    """A warning for ``GEOSEG_ALLOCATOR=tcmalloc`` where no tcmalloc is installed, else None."""
-    if environ.get(ALLOCATOR_VARIABLE, "").strip().lower() != "tcmalloc" or find_tcmalloc() is not None:
+def runs_networks(args: list[str]) -> bool:
+    """Whether the ``geoseg`` arguments ``args`` name one of ``HEAVY_COMMANDS``."""
+    return next((arg for arg in args if not arg.startswith("-")), None) in HEAVY_COMMANDS
+
+
+def missing_tcmalloc_warning(environ: dict[str, str], args: list[str]) -> str | None:
+    """A warning for ``GEOSEG_ALLOCATOR=tcmalloc`` on a heavy command without tcmalloc, else None."""
+    asked = environ.get(ALLOCATOR_VARIABLE, "").strip().lower() == "tcmalloc"
+    if not asked or not runs_networks(args) or find_tcmalloc() is not None:
         return None
     return (f"{ALLOCATOR_VARIABLE}=tcmalloc, but no tcmalloc library was found; using the system malloc "
             "(Debian/Ubuntu: apt install libtcmalloc-minimal4; conda: gperftools)")

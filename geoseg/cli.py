@@ -99,12 +99,17 @@ def run() -> None:
     except ValueError as err:
         click.echo(f"Error: {err}", err=True)
         raise SystemExit(2) from None
-    missing = missing_tcmalloc_warning(dict(os.environ))
+    missing = missing_tcmalloc_warning(dict(os.environ), sys.argv[1:])
     if missing is not None:
         click.echo(f"Warning: {missing}", err=True)
     if environment is not None:
         # Same PID, same arguments (interpreter flags included), a malloc of its own from the start.
-        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environment)
+        try:
+            os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environment)
+        except OSError as err:  # exec not allowed here: run on the malloc we have
+            reason = err.strerror or err
+            click.echo(f"Warning: could not re-run with tcmalloc ({reason}); using the system malloc",
+                       err=True)
     main()
 
 

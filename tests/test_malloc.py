@@ -90,9 +90,11 @@ def test_asking_for_a_missing_tcmalloc_warns_and_runs_on(monkeypatch: pytest.Mon
     monkeypatch.setattr(_malloc, "TCMALLOC_NAMES", ("geoseg_no_such_library",))
     asked = {"GEOSEG_ALLOCATOR": "tcmalloc"}
     assert _malloc.tcmalloc_environment(asked, ["predict", "a", "b"]) is None, "runs on the system malloc"
-    assert "no tcmalloc library was found" in _malloc.missing_tcmalloc_warning(asked)
-    assert _malloc.tcmalloc_environment({}, ["predict", "a", "b"]) is None
-    assert _malloc.missing_tcmalloc_warning({}) is None, "auto stays quiet without tcmalloc"
+    predict = ["predict", "a", "b"]
+    assert "no tcmalloc library was found" in _malloc.missing_tcmalloc_warning(asked, predict)
+    assert _malloc.missing_tcmalloc_warning(asked, ["info", "m.sft"]) is None, "only where it would run"
+    assert _malloc.tcmalloc_environment({}, predict) is None
+    assert _malloc.missing_tcmalloc_warning({}, predict) is None, "auto stays quiet without tcmalloc"
 
 
 def _predict_in_a_real_process(tmp_path, make_scene, model: Path, **env: str) -> subprocess.CompletedProcess:
