@@ -106,18 +106,27 @@ def tcmalloc_environment(environ: dict[str, str], args: list[str]) -> dict[str, 
     Raises:
         ValueError: ``GEOSEG_ALLOCATOR`` has an unknown value.
     """
-    choice = environ.get(ALLOCATOR_VARIABLE, "auto").strip().lower() or "auto"
-    if choice not in ALLOCATORS:
-        raise ValueError(f"{ALLOCATOR_VARIABLE}={choice!r}: expected one of {', '.join(ALLOCATORS)}")
-    if choice == "system" or not runs_networks(args) or not sys.platform.startswith("linux"):
+    if allocator_choice(environ) == "system" or not runs_networks(args):
         return None
-    if environ.get("LD_PRELOAD"):
+    if not sys.platform.startswith("linux") or environ.get("LD_PRELOAD"):
         return None
     library = find_tcmalloc()
     if library is None:
         return None
     # tcmalloc reports every allocation of 1 GiB or more on stderr; a big CRF window is not news.
     return environ | {"LD_PRELOAD": library, "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(1 << 40)}
+
+
+def allocator_choice(environ: dict[str, str]) -> str:
+    """``GEOSEG_ALLOCATOR``'s value, one of ``ALLOCATORS`` (``auto`` when unset or empty).
+
+    Raises:
+        ValueError: An unknown value.
+    """
+    choice = environ.get(ALLOCATOR_VARIABLE, "auto").strip().lower() or "auto"
+    if choice not in ALLOCATORS:
+        raise ValueError(f"{ALLOCATOR_VARIABLE}={choice!r}: expected one of {', '.join(ALLOCATORS)}")
+    return choice
 
 
 def runs_networks(args: list[str]) -> bool:
@@ -127,8 +136,7 @@ def runs_networks(args: list[str]) -> bool:
 
 def missing_tcmalloc_warning(environ: dict[str, str], args: list[str]) -> str | None:
     """A warning for ``GEOSEG_ALLOCATOR=tcmalloc`` on a heavy command without tcmalloc, else None."""
-    asked = environ.get(ALLOCATOR_VARIABLE, "").strip().lower() == "tcmalloc"
-    if not asked or not runs_networks(args) or find_tcmalloc() is not None:
+    if allocator_choice(environ) != "tcmalloc" or not runs_networks(args) or find_tcmalloc() is not None:
         return None
     return (f"{ALLOCATOR_VARIABLE}=tcmalloc, but no tcmalloc library was found; using the system malloc "
             "(Debian/Ubuntu: apt install libtcmalloc-minimal4; conda: gperftools)")

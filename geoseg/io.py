@@ -54,7 +54,7 @@ class Scene:
     band_source: str  # how band_indexes were chosen, for the log
     alpha_band: int | None = None  # the band labelled alpha, read as the mask in "alpha" mode
     name: str | None = None  # the source as the user named it, when ``path`` is not that (VRT text)
-    block_shape: tuple[int, int] = (256, 256)  # (rows, cols) of the first model band's blocks (sizes the block cache)
+    block_shape: tuple[int, int] = (256, 256)  # (rows, cols) of the first model band's blocks
 
     @property
     def label(self) -> str:

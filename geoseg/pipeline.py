@@ -167,7 +167,8 @@ def predict_scene(
         model = source.calibrate(model)
         log.info("%s: %dx%d px, bands %s (%s)",
                  source.name, scene.width, scene.height, list(scene.band_indexes), scene.band_source)
-        log.debug("memory allocator: %s", loaded_allocator())
+        if log.isEnabledFor(logging.DEBUG):  # reads the process's memory map: only when it is shown
+            log.debug("memory allocator: %s", loaded_allocator())
         if config.threads:
             import torch
 
