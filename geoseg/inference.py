@@ -96,6 +96,18 @@ def resolve_precision(name: str, device: torch.device) -> str:
     return name
 
 
+def upsample_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Logits ``(N, K, h, w)`` as float32 at ``size``.
+
+    Upsampled bilinearly, as Hugging Face's post-processing does; returned as they are when
+    already that size (a model with a pixel head).
+    """
+    logits = logits.float()
+    if tuple(logits.shape[-2:]) == tuple(size):
+        return logits
+    return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+
+
 @dataclass
 class TileBatch:
     """Tiles ready for the network: ``pixels (N, C, T, T)`` float32 and their bookkeeping."""
@@ -208,8 +220,9 @@ class TilePredictor:
         autocast = torch.autocast(self.device.type, dtype=self._dtype, enabled=self._autocast)
         with self._fp32_means_fp32(), autocast:
             logits = self.module(inputs)
-        # (N, K, T/s, T/s) at the first stride s (4; 2 for a finer decoder) -> (N, K, T, T)
-        logits = F.interpolate(logits.float(), size=(self.tile_px, self.tile_px), mode="bilinear", align_corners=False)
+        # (N, K, T/s, T/s) at the first stride s (4; 2 for a finer decoder) -> (N, K, T, T); a model
+        # with a pixel head already gives (N, K, T, T).
+        logits = upsample_logits(logits, (self.tile_px, self.tile_px))
         if not self._cuda:
             return logits.contiguous()
         if self.logits_on_device:

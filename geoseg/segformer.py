@@ -60,6 +60,11 @@ class SegformerConfig:
         hidden_dropout_prob: Dropout after the attention output and inside the Mix-FFN.
         attention_probs_dropout_prob: Dropout on the attention probabilities.
         classifier_dropout_prob: Dropout before the decode head's classifier.
+        pixel_head_channels: 0 (Hugging Face's SegFormer): logits come out at the first stage's
+            resolution. ``H > 0``: a per-pixel head (1x1 convolutions, bands -> ``H`` -> classes) adds
+            each pixel's own spectral evidence to the decoder's logits upsampled to full resolution,
+            so logits come out at the input's size. Not a Hugging Face field; its weights are
+            ``pixel_head.*``.
     """
 
     num_channels: int = 4
@@ -77,6 +82,7 @@ class SegformerConfig:
     hidden_dropout_prob: float = 0.0
     attention_probs_dropout_prob: float = 0.0
     classifier_dropout_prob: float = 0.1
+    pixel_head_channels: int = 0
 
     def __post_init__(self) -> None:
         for name in _STAGE_FIELDS:
@@ -94,6 +100,9 @@ class SegformerConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        head = self.pixel_head_channels
+        if isinstance(head, bool) or not isinstance(head, int) or head < 0:
+            raise ValueError(f"pixel_head_channels must be 0 or a positive integer, got {head!r}")
         for name in _PROBABILITY_FIELDS:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
@@ -559,23 +568,53 @@ class SegformerForSemanticSegmentation(nn.Module):
         self.config = config
         self.segformer = SegformerModel(config)
         self.decode_head = SegformerDecodeHead(config)
+        self.pixel_head = _pixel_head(config) if config.pixel_head_channels else None
         self.apply(_init_weights)
 
     def forward(self, pixel_values: Tensor) -> Tensor:
-        """Compute class logits at 1/4 resolution.
+        """Compute class logits at 1/4 resolution (at full resolution with a pixel head).
 
         Args:
             pixel_values: ``(N, num_channels, H, W)`` images, any layout (channels-last is fine).
 
         Returns:
-            Logits ``(N, num_labels, ceil(H/4), ceil(W/4))`` (with the default strides), contiguous.
+            Logits ``(N, num_labels, ceil(H/4), ceil(W/4))`` (with the default strides), contiguous;
+            ``(N, num_labels, H, W)`` with ``pixel_head_channels``.
 
         Raises:
             ValueError: The input is too small for the spatial reductions (see
                 :meth:`SegformerEncoder.check_input_size`).
         """
         logits = self.decode_head(self.segformer(pixel_values))
+        if self.pixel_head is not None:
+            # fp32 like the decoder: the per-pixel term decides thin classes at class borders.
+            with torch.autocast(pixel_values.device.type, enabled=False):
+                size = pixel_values.shape[-2:]
+                logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+                logits = logits + self.pixel_head(pixel_values.float())
         return logits.contiguous()
+
+
+def _pixel_head(config: SegformerConfig) -> nn.Sequential:
+    """Per-pixel MLP on the input bands (1x1 convolutions): the spectral evidence of each pixel alone.
+
+    The decoder works at the first stage's resolution (1/4 or 1/2), which blurs classes one or two
+    pixels wide (roads, rivers, field edges); this head sees every pixel at full resolution.
+    """
+    hidden = config.pixel_head_channels
+    return nn.Sequential(
+        nn.Conv2d(config.num_channels, hidden, kernel_size=1),
+        nn.ReLU(inplace=True),
+        _ZeroInitConv2d(hidden, config.num_labels, kernel_size=1),
+    )
+
+
+class _ZeroInitConv2d(nn.Conv2d):
+    """A convolution that starts at zero (``_init_weights`` sees to it).
+
+    A fresh pixel head then adds nothing: a new model starts as the plain SegFormer, and the
+    head learns only what the decoder misses.
+    """
 
 
 def _init_weights(module: nn.Module) -> None:
@@ -584,6 +623,9 @@ def _init_weights(module: nn.Module) -> None:
         nn.init.trunc_normal_(module.weight, std=0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
+    elif isinstance(module, _ZeroInitConv2d):
+        nn.init.zeros_(module.weight)
+        nn.init.zeros_(module.bias)
     elif isinstance(module, nn.Conv2d):
         fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels // module.groups
         nn.init.normal_(module.weight, mean=0.0, std=math.sqrt(2.0 / fan_out))

@@ -968,6 +968,7 @@ def _fit(
     import torch
     from tqdm import tqdm
 
+    from .inference import upsample_logits
     from .modelfile import build_network, save_model
 
     out = Path(config.out)
@@ -1023,9 +1024,7 @@ def _fit(
                     logits = network(inputs)
                 # (N, K, W/s, W/s) at the first stride s (4, or 2 for a finer decoder) -> (N, K, W, W):
                 # the loss sees every labelled pixel.
-                logits = torch.nn.functional.interpolate(
-                    logits.float(), size=target_t.shape[-2:], mode="bilinear", align_corners=False
-                )
+                logits = upsample_logits(logits, tuple(target_t.shape[-2:]))
                 loss = segmentation_loss(
                     logits, target_t, weight_tensor, config.dice_weight, config.focal_gamma
                 )
@@ -1221,9 +1220,9 @@ def predict_region(
     image come out as :data:`IGNORE`.
     """
     import torch
-    import torch.nn.functional as F
 
     from .blend import TileBlender
+    from .inference import upsample_logits
     from .tiling import TileGrid
 
     height, width = int(bbox.height), int(bbox.width)
@@ -1260,9 +1259,7 @@ def predict_region(
             torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"),
         ):
             logits = network(torch.from_numpy(np.stack(pixels)).to(device))
-        logits = F.interpolate(
-            logits.float(), size=(grid.tile_px, grid.tile_px), mode="bilinear", align_corners=False
-        )
+        logits = upsample_logits(logits, (grid.tile_px, grid.tile_px))
         logits = logits.cpu().numpy()
         for tile, tile_logits, valid, (h, w) in zip(chunk, logits, valids, extents, strict=True):
             yield from finished(blender.add(tile, tile_logits[:, :h, :w], valid))

@@ -76,6 +76,27 @@ def test_onnx_logits_match_torch(tiny_model_file: Path, tiny_onnx: Path, shape: 
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
+def test_onnx_export_of_a_model_with_pixel_head(tmp_path: Path, tiny_metadata) -> None:
+    # Its logits come out at the input's size, which the exported graph must follow (dynamic axes).
+    tiny = {k: v for k, v in tiny_metadata().arch_config.items() if k not in ("num_channels", "num_labels")}
+    meta = tiny_metadata(arch_overrides={**tiny, "pixel_head_channels": 4})
+    torch.manual_seed(0)
+    network = build_network(meta)
+    with torch.no_grad():
+        for param in network.pixel_head.parameters():
+            param.normal_(0.0, 0.5)
+    save_model(tmp_path / "px.safetensors", network.state_dict(), meta)
+    runner = load_model(export_onnx(tmp_path / "px.safetensors", tmp_path / "px.onnx")).module
+    network = load_model(tmp_path / "px.safetensors").module
+    for shape in [(1, 4, 64, 64), (2, 4, 37, 50)]:
+        x = torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape)))
+        with torch.inference_mode():
+            expected = network(x)
+            got = runner(x)
+        assert got.shape == (shape[0], 3, *shape[2:])
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.skipif(not RGBN.is_file(), reason=f"real scene not found at {RGBN}")
 def test_onnx_class_map_matches_torch_on_a_real_scene(tmp_path: Path) -> None:
     """Seeded, untrained SegFormer-B0; both runs through predict_scene in fp32."""

@@ -24,7 +24,7 @@ from geoseg.config import PredictConfig
 from geoseg.errors import ConfigError, GeoreferenceWarning, InputError, NodataWarning, OutputError
 from geoseg.inference import TilePredictor, resolve_precision
 from geoseg.io import SceneReader, open_scene
-from geoseg.modelfile import ClassSpec, Normalization
+from geoseg.modelfile import ClassSpec, Normalization, build_network, load_model, save_model
 from geoseg.pipeline import plan_grid, predict_scene
 from geoseg.tiling import TileGrid
 
@@ -228,6 +228,47 @@ def test_real_scene_with_nodata_border_is_stitched_exactly(
     expected, clear = expected_pointwise_labels(model, src, [1, 2, 3, 4], invalid)
     np.testing.assert_array_equal(labels[clear], expected[clear])
     np.testing.assert_array_equal(labels == 255, invalid)
+
+
+@pytest.mark.parametrize(("tile", "overlap", "batch_size"), [(32, 0, 1), (48, 16, 3), (64, 31, 2)])
+def test_model_with_pixel_head_is_stitched_exactly(
+    tmp_path: Path, make_scene, tiny_metadata, tile: int, overlap: int, batch_size: int
+) -> None:
+    # A real SegFormer with a pixel head whose decoder classifier is zero is pointwise, and its
+    # logits come out at the tile's size (no upsampling): through a model file, tiled prediction
+    # must equal the head applied to the whole image.
+    tiny = {k: v for k, v in tiny_metadata().arch_config.items() if k not in ("num_channels", "num_labels")}
+    meta = tiny_metadata(normalization=CENTRED, arch_overrides={**tiny, "pixel_head_channels": 5})
+    assert meta.arch_config["pixel_head_channels"] == 5
+    torch.manual_seed(1)
+    network = build_network(meta)
+    with torch.no_grad():
+        for param in network.pixel_head.parameters():
+            param.normal_(0.0, 1.0)
+        network.decode_head.classifier.weight.zero_()
+        network.decode_head.classifier.bias.zero_()
+    save_model(tmp_path / "px.safetensors", network.state_dict(), meta)
+    model = load_model(tmp_path / "px.safetensors")
+    invalid = border_mask(77, 101)
+    src = make_scene(width=101, height=77, nodata=0, invalid=invalid, seed=8)
+    dst = tmp_path / "out.tif"
+    run(src, dst, model, tile=tile, overlap=overlap, batch_size=batch_size)
+    labels = check_output(dst, src, class_ids={1, 2, 3})
+
+    with rasterio.open(src) as s:
+        pixels = s.read().astype(np.float32)
+    mul, bias = meta.normalization.multiplier_and_bias()
+    x = pixels * np.asarray(mul, np.float32)[:, None, None] + np.asarray(bias, np.float32)[:, None, None]
+    x[:, invalid] = 0.0
+    with torch.inference_mode():
+        logits = model.module.pixel_head(torch.from_numpy(x)[None])[0].numpy()
+    top2 = np.sort(logits, axis=0)[-2:]
+    clear = ((top2[1] - top2[0]) > 1e-4) & ~invalid
+    expected = np.array([c.id for c in meta.classes])[np.argmax(logits, axis=0)]
+    assert clear[~invalid].mean() > 0.99
+    np.testing.assert_array_equal(labels[clear], expected[clear])
+    np.testing.assert_array_equal(labels == 255, invalid)
+    assert len(set(np.unique(labels[clear]))) == 3, "every class wins somewhere, so the check means something"
 
 
 # --- georeference, dtypes and sizes --------------------------------------------------------------------

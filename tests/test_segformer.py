@@ -227,6 +227,66 @@ def test_backward_reaches_every_parameter_and_updates_batchnorm():
     assert model.decode_head.batch_norm.num_batches_tracked.item() == 1
 
 
+# --------------------------------------------------------------------------- pixel head
+
+
+@pytest.mark.parametrize(("height", "width"), [(64, 64), (37, 50), (29, 29)])
+def test_pixel_head_gives_logits_at_the_input_size(height, width):
+    model = build(tiny_config(pixel_head_channels=6))
+    with torch.no_grad():
+        logits = model(pixels(2, 4, height, width))
+    assert logits.shape == (2, 8, height, width)
+    assert logits.is_contiguous()
+
+
+def test_fresh_pixel_head_adds_nothing_to_the_upsampled_decoder():
+    """Its last layer starts at zero, so a new model is the plain SegFormer, upsampled."""
+    plain = build(tiny_config(), seed=3)
+    randomize_(plain)
+    with_head = build(tiny_config(pixel_head_channels=6), seed=4)
+    missing, unexpected = with_head.load_state_dict(plain.state_dict(), strict=False)
+    assert sorted(missing) == [
+        "pixel_head.0.bias", "pixel_head.0.weight", "pixel_head.2.bias", "pixel_head.2.weight"
+    ]
+    assert not unexpected
+    x = pixels(2, 4, 48, 40)
+    with torch.no_grad():
+        expected = F.interpolate(plain(x), size=(48, 40), mode="bilinear", align_corners=False)
+        torch.testing.assert_close(with_head(x), expected, rtol=0, atol=0)
+
+
+def test_pixel_head_sees_every_pixel_alone():
+    """With the decoder's classifier zeroed the logits are the head's 1x1 MLP of each pixel's bands."""
+    model = build(tiny_config(pixel_head_channels=5))
+    randomize_(model)
+    with torch.no_grad():
+        model.decode_head.classifier.weight.zero_()
+        model.decode_head.classifier.bias.zero_()
+        x = pixels(1, 4, 40, 36, seed=2)
+        first, _, last = model.pixel_head
+        hidden = torch.relu(
+            torch.einsum("hc,ncxy->nhxy", first.weight[:, :, 0, 0], x) + first.bias[None, :, None, None]
+        )
+        expected = torch.einsum("kh,nhxy->nkxy", last.weight[:, :, 0, 0], hidden)
+        expected += last.bias[None, :, None, None]
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+        # a crop gives the same logits as the whole: nothing from the neighbours
+        torch.testing.assert_close(model(x[..., 8:40, 4:36]), model(x)[..., 8:40, 4:36], rtol=1e-5, atol=1e-5)
+    assert expected.std() > 0.01, "the head's weights were randomised, so the check means something"
+
+
+def test_pixel_head_trains_and_runs_in_fp32_under_autocast():
+    model = build(tiny_config(pixel_head_channels=6)).train()
+    randomize_(model)  # the zero-initialised last layer blocks gradients to the first until it moves
+    logits = model(pixels(2, 4, 48, 64))
+    F.cross_entropy(logits, torch.randint(0, 8, (2, 48, 64))).backward()
+    for name, param in model.pixel_head.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+    model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model(pixels(1, 4, 32, 32)).dtype == torch.float32
+
+
 def test_bf16_autocast():
     model = build(tiny_config())
     randomize_(model)
@@ -309,6 +369,9 @@ def test_from_dict_unknown_key_names_it():
         {"depths": (2, 0, 2, 2)},
         {"drop_path_rate": 1.5},
         {"sr_ratios": "8421"},
+        {"pixel_head_channels": -1},
+        {"pixel_head_channels": True},
+        {"pixel_head_channels": 2.5},
     ],
 )
 def test_invalid_config_values_raise(bad):
