@@ -377,7 +377,7 @@ def batch(inputs: tuple[str, ...], out_dir: str, template: str, scheduler: str |
 def info(model: str, as_json: bool) -> None:
     """Show what a model file is for: architecture, bands, scaling, classes, tiles."""
     with _user_errors():
-        from .modelfile import file_sha256, read_metadata
+        from .modelfile import count_weights, describe_network, file_sha256, read_metadata
 
         meta = read_metadata(model)
         if as_json:
@@ -391,6 +391,8 @@ def info(model: str, as_json: bool) -> None:
         lines = [
             f"name:          {meta.name}",
             f"architecture:  {meta.architecture} ({meta.variant})",
+            f"network:       {describe_network(meta)}"
+            + ("" if model.lower().endswith(".onnx") else f"; {count_weights(model) / 1e6:.2f} M weights"),
             f"sha256:        {file_sha256(model)}",
             f"bands:         " + ", ".join(f"{b.name} (band {b.source_band})" for b in meta.bands),
             f"scaling:       {scaling}",

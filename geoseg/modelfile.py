@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -254,6 +255,38 @@ def read_metadata(path: str | os.PathLike[str]) -> ModelMetadata:
         return ModelMetadata.from_json(header[METADATA_KEY])
     except (ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"{path}: corrupt geoseg metadata ({_first_line(err)})") from err
+
+
+def describe_network(metadata: ModelMetadata) -> str:
+    """One line on the network's shape: stage widths and depths, decoder width, logit resolution.
+
+    From the metadata alone, so a reduced or finer variant is told apart from the name it carries.
+    """
+    config = metadata.arch_config
+
+    def dashed(key: str) -> str:
+        return "-".join(str(v) for v in config.get(key, ()))
+
+    first_stride = (config.get("strides") or (4,))[0]
+    head = config.get("pixel_head_channels", 0)
+    logits = f"full resolution (a per-pixel head of {head})" if head else f"1/{first_stride} resolution"
+    return (
+        f"widths {dashed('hidden_sizes')}, depths {dashed('depths')}, heads {dashed('num_attention_heads')}, "
+        f"decoder {config.get('decoder_hidden_size')}; logits at {logits}"
+    )
+
+
+def count_weights(path: str | os.PathLike[str]) -> int:
+    """Learned values in a safetensors model file, from its header (BatchNorm statistics not counted)."""
+    from safetensors import safe_open
+
+    total = 0
+    with safe_open(str(path), framework="pt") as f:
+        for key in f.keys():
+            if key.endswith(("running_mean", "running_var", "num_batches_tracked")):
+                continue
+            total += math.prod(f.get_slice(key).get_shape())
+    return total
 
 
 @dataclass

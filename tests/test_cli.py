@@ -19,7 +19,7 @@ from affine import Affine
 from click.testing import CliRunner, Result
 
 from geoseg.cli import main
-from geoseg.modelfile import file_sha256, load_model
+from geoseg.modelfile import count_weights, file_sha256, load_model
 
 #: A tiny SegFormer (see conftest.TINY_ARCH), spelled as init-model flags.
 TINY_ARCH_ARGS = [
@@ -191,6 +191,24 @@ def test_info(runner: CliRunner, model_file: Path) -> None:
     data = json.loads(result.output)
     assert data["sha256"] == file_sha256(model_file)
     assert data["tile_size"] == 64
+
+
+def test_info_describes_the_network(runner: CliRunner, tmp_path: Path, classes_file: Path) -> None:
+    # The variant's name alone does not say that a model was reduced or given a pixel head.
+    out = tmp_path / "px.safetensors"
+    result = init_model(runner, out, classes_file, "--arch-override", "strides=2,2,2,2",
+                        "--arch-override", "pixel_head_channels=5")
+    assert result.exit_code == 0, result.output
+    lines = [line for line in cli(runner, "info", out).output.splitlines() if line.startswith("network:")]
+    weights = sum(p.numel() for p in load_model(out).module.parameters())
+    assert count_weights(out) == weights  # the header's shapes, BatchNorm statistics left out
+    assert lines == [
+        "network:       widths 8-8-16-16, depths 1-1-1-1, heads 1-1-2-2, decoder 16; "
+        f"logits at full resolution (a per-pixel head of 5); {weights / 1e6:.2f} M weights"
+    ]
+    plain = tmp_path / "plain.safetensors"
+    assert init_model(runner, plain, classes_file, "--arch-override", "strides=2,2,2,2").exit_code == 0
+    assert "logits at 1/2 resolution" in cli(runner, "info", plain).output
 
 
 def test_info_on_a_bad_file(runner: CliRunner, tmp_path: Path) -> None:
