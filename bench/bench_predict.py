@@ -8,7 +8,8 @@ Prints figures; asserts nothing. Run from the repository root:
 
 (a) model only: the network on random tiles already in memory (no reading, blending, writing),
     converted to unique megapixels per second with the scene's own tile grid (each tile counts
-    for height * width / tiles pixels, so overlap is taken out);
+    for height * width / tiles pixels, so overlap is taken out); at its fastest, one batch on
+    every torch thread or (on the CPU) several batches at once as ``geoseg predict`` runs them;
 (b) end to end: ``geoseg predict`` in a subprocess on a real scene (mosaics of the shared Zion
     Landsat 8 scene, built by bench/scenes.py), wall clock including start-up (import, model
     load), so use a big scene (default 8192 px) for the ratio.
@@ -17,8 +18,8 @@ Prints figures; asserts nothing. Run from the repository root:
     model load). On a GPU, where the model alone is fast, start-up weighs most in (b).
 Peak RSS is each ``geoseg predict`` child's own VmHWM (bench/peak.py says why not ``os.wait4``).
 
-Shared machines drift: (a) and (b) are measured in turn, ``--repeat`` times, and the ratio is
-taken pair by pair; medians are quoted, with the range. The model alone runs with the same
+Shared machines drift: (a) is measured just before and just after each (b) and the two are
+averaged, ``--repeat`` times, and the ratio is taken pair by pair; medians are quoted, with the range. The model alone runs with the same
 malloc settings as the CLI (geoseg/_malloc.py), its fastest: the ratio is against its best.
 """
 
@@ -29,6 +30,7 @@ import os
 import platform
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -40,7 +42,11 @@ from scenes import OUT, build_mosaic, parse_size  # noqa: E402
 
 from geoseg._malloc import reuse_freed_memory, tcmalloc_environment  # noqa: E402
 from geoseg.config import PredictConfig  # noqa: E402
-from geoseg.inference import resolve_device, resolve_precision  # noqa: E402
+from geoseg.inference import (  # noqa: E402
+    default_parallel_batches,
+    resolve_device,
+    resolve_precision,
+)
 from geoseg.io import open_scene  # noqa: E402
 from geoseg.modelfile import load_model  # noqa: E402
 from geoseg.pipeline import default_model_path, plan_grid, predict_scene  # noqa: E402
@@ -56,21 +62,52 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def model_only_tiles_per_s(model, tile: int, batch: int, device, precision: str, seconds: float) -> float:
-    """Forward passes on random tiles already on the device; tiles per second."""
+def model_only_tiles_per_s(
+    model, tile: int, batch: int, device, precision: str, seconds: float, parallel: int = 1
+) -> float:
+    """Forward passes on random tiles already on the device; tiles per second.
+
+    ``parallel > 1`` (CPU): that many threads each run batches on an equal share of torch's
+    threads, as ``geoseg predict`` does with ``--parallel-batches``.
+    """
     module = model.module.to(device)
     x = torch.randn(batch, len(model.metadata.bands), tile, tile, device=device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    total_threads = torch.get_num_threads()
+    done = [0] * parallel
+    start = time.perf_counter()
+
+    def loop(i: int) -> None:
+        if parallel > 1:
+            torch.set_num_threads(max(1, total_threads // parallel))
+        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32"):
+            while time.perf_counter() - start < seconds or done[i] < 3:
+                module(x)
+                done[i] += 1
+
     with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32"):
         module(x)  # warm-up
-        done, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds or done < 3:
-            module(x)
-            done += 1
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        elapsed = time.perf_counter() - start
-    return done * batch / elapsed
+    start = time.perf_counter()
+    threads = [threading.Thread(target=loop, args=(i,)) for i in range(parallel)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    torch.set_num_threads(total_threads)
+    return sum(done) * batch / elapsed
+
+
+def best_model_only(
+    model, tile: int, batch: int, device, precision: str, seconds: float, parallel: int
+) -> float:
+    """The model alone at its fastest: one batch on every thread, or ``parallel`` batches at once."""
+    best = model_only_tiles_per_s(model, tile, batch, device, precision, seconds)
+    if parallel > 1:
+        best = max(best, model_only_tiles_per_s(model, tile, batch, device, precision, seconds, parallel))
+    return best
 
 
 def predict_allocator() -> str:
@@ -101,6 +138,7 @@ def main() -> None:
                         help="scenes for the peak-RSS figures: square edges or WIDTHxHEIGHT ('' to skip)")
     parser.add_argument("--repeat", type=int, default=3, help="rounds of (a), (b) and the RSS runs")
     parser.add_argument("--reader-threads", type=int, help="passed to geoseg predict [its default]")
+    parser.add_argument("--parallel-batches", type=int, help="passed to geoseg predict [its default]")
     parser.add_argument("--warm", action="store_true", help="also (c): predict_scene in process, warm")
     args = parser.parse_args()
 
@@ -121,11 +159,15 @@ def main() -> None:
     print(f"machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)")
     print(f"model: {model.metadata.name} ({model.metadata.variant}), {model_path.name}")
     print(f"allocator of geoseg predict: {predict_allocator()} (GEOSEG_ALLOCATOR=system for glibc's)")
+    # What geoseg predict will run: several batches at once on the CPU (geoseg/inference.py).
+    parallel = 1 if device.type == "cuda" else (args.parallel_batches or default_parallel_batches())
     print(
         f"settings: device {device}, precision {precision}, tile {grid.tile_px}, overlap {grid.overlap_px}, "
-        f"batch {config.batch_size}; scene {checked.width}x{checked.height} = {len(grid)} tiles"
+        f"batch {config.batch_size}, parallel batches {parallel}; scene {checked.width}x{checked.height} "
+        f"= {len(grid)} tiles"
     )
     extra = ["--batch-size", str(config.batch_size), "--precision", precision, "--device", str(device)]
+    extra += ["--parallel-batches", str(parallel)] if device.type != "cuda" else []
     extra += ["--tile", str(grid.tile_px), "--overlap", str(grid.overlap_px)]
     if args.reader_threads is not None:
         extra += ["--reader-threads", str(args.reader_threads)]
@@ -134,14 +176,19 @@ def main() -> None:
     ratios, model_figures, e2e_figures = [], [], []
     peaks: dict[str, list[float]] = {size: [] for size in sizes}
     for run in range(1, args.repeat + 1):
-        tiles_per_s = model_only_tiles_per_s(model, grid.tile_px, config.batch_size, device, precision, args.seconds)
-        model_mps = tiles_per_s * unique_px_per_tile / 1e6
+        network = (model, grid.tile_px, config.batch_size, device, precision, args.seconds, parallel)
+        before = best_model_only(*network)
         wall, peak = run_predict(scene, model_path, extra)
+        after = best_model_only(*network)
+        # (a) on both sides of (b), averaged: a machine that drifts during (b) biases neither way.
+        tiles_per_s = (before + after) / 2
+        model_mps = tiles_per_s * unique_px_per_tile / 1e6
         e2e_mps = scene_mp / wall
         ratios.append(e2e_mps / model_mps)
         model_figures.append(model_mps)
         e2e_figures.append(e2e_mps)
-        print(f"run {run}: (a) model only {tiles_per_s:6.2f} tiles/s = {model_mps:.3f} unique MP/s; "
+        print(f"run {run}: (a) model only {tiles_per_s:6.2f} tiles/s "
+              f"({before:.2f} before (b), {after:.2f} after) = {model_mps:.3f} unique MP/s; "
               f"(b) geoseg predict {wall:6.2f} s = {e2e_mps:.3f} MP/s (peak RSS {peak:.0f} MiB); "
               f"b/a = {ratios[-1]:.3f}", flush=True)
         for size in sizes:

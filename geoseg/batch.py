@@ -56,7 +56,9 @@ MAX_ATTEMPTS = 2
 #: Memory one local worker may need (torch, the model, a scene's row band; peaks seen: 0.5-0.7 GiB).
 WORKER_MEMORY_BYTES = 3 << 29  # 1.5 GiB
 #: PredictConfig fields that change speed, never the output: left out of the settings hash.
-SPEED_ONLY_FIELDS = ("model", "threads", "reader_threads", "prefetch_batches", "batch_size", "compile")
+SPEED_ONLY_FIELDS = (
+    "model", "threads", "parallel_batches", "reader_threads", "prefetch_batches", "batch_size", "compile"
+)
 
 
 def expand_inputs(items: Sequence[str]) -> list[str]:

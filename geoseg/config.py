@@ -46,6 +46,8 @@ class PredictConfig:
         compress: Compression of the output GeoTIFF.
         prefetch_batches: Batches read ahead of the model (bounded, so memory stays flat).
         threads: Intra-op CPU threads for torch; ``None`` leaves torch's default (all cores).
+        parallel_batches: CPU only: batches run through the network at once, each on its own
+            thread with an equal share of ``threads``; ``None``: 2 where there are 2 threads or more.
         reader_threads: Threads reading and decoding tiles, each with its own dataset handle;
             ``None``: 1 on the CPU, up to 8 (half the cores) beside a GPU.
         compile: Run the network through ``torch.compile`` (the first batch compiles, about a
@@ -68,6 +70,7 @@ class PredictConfig:
     compress: Compression = "deflate"
     prefetch_batches: int = 2
     threads: int | None = None
+    parallel_batches: int | None = None
     reader_threads: int | None = None
     compile: bool = False
     crf: CrfConfig | None = None
@@ -102,6 +105,11 @@ class PredictConfig:
             raise ConfigError(f"prefetch_batches must be a positive integer, got {self.prefetch_batches!r}")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise ConfigError(f"threads must be a positive integer, got {self.threads!r}")
+        if self.parallel_batches is not None and (
+            isinstance(self.parallel_batches, bool) or not isinstance(self.parallel_batches, int)
+            or self.parallel_batches < 1
+        ):
+            raise ConfigError(f"parallel_batches must be a positive integer, got {self.parallel_batches!r}")
         if self.reader_threads is not None and (not isinstance(self.reader_threads, int) or self.reader_threads < 1):
             raise ConfigError(f"reader_threads must be a positive integer, got {self.reader_threads!r}")
         if not isinstance(self.compile, bool):

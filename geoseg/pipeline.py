@@ -176,6 +176,7 @@ def predict_scene(
         predictor = TilePredictor(
             model.module, device, precision, grid.tile_px, max_batch=config.batch_size, compile=config.compile,
             logits_on_device=True,  # on a GPU, blend there: only class indexes come back to the host
+            parallel_batches=config.parallel_batches,
         )
         precision = predictor.precision  # an ONNX model runs in fp32 whatever was asked
         tags = {
@@ -447,7 +448,8 @@ def _run(
     reading = [
         threading.Thread(
             target=_read_batches,
-            args=(scene, grid, multiplier, bias, config.batch_size, batches[i], stop, aoi, (i, readers)),
+            args=(scene, grid, multiplier, bias, config.batch_size, batches[i], stop, aoi, (i, readers),
+                  predictor.batches_in_flight),
             daemon=True,
         )
         for i in range(readers)
@@ -547,6 +549,7 @@ def _read_batches(
     stop: threading.Event,
     aoi: AreaOfInterest | None = None,
     part: tuple[int, int] = (0, 1),
+    in_network: int = 1,
 ) -> None:
     """Reader thread: tiles with at least one valid pixel, in grid order, in batches.
 
@@ -559,7 +562,7 @@ def _read_batches(
     (fewer than ``batch_size`` where some are skipped) or ``None``.
     """
     first, readers = part
-    buffers = _BatchBuffers(out.maxsize, batch_size)
+    buffers = _BatchBuffers(out.maxsize, batch_size, in_network)
     try:
         with SceneReader(scene, multiplier, bias) as reader:
 
@@ -606,16 +609,17 @@ class _BatchBuffers:
     """A reader's ring of batch arrays, reused instead of allocating every batch anew.
 
     A reader fills buffer ``n`` while up to ``queued`` batches wait in its queue and the network
-    launches the one before them (it copies or consumes the pixels before it asks for the next
-    batch), so ``queued + 2`` buffers are never overwritten while in use. Reuse keeps the
+    reads the ``in_network`` before them (one, which it copies or consumes before it asks for the
+    next batch; more when the CPU runs several batches at once), so ``queued + 1 + in_network``
+    buffers are never overwritten while in use. Reuse keeps the
     batch-sized allocations of many reading threads from spreading over their malloc arenas:
     8 readers at batch 32 peaked at 2.0 GiB on a 4096 px scene and 3.3 GiB on an 8192 px one
     with fresh arrays per batch.
     """
 
-    def __init__(self, queued: int, batch_size: int):
+    def __init__(self, queued: int, batch_size: int, in_network: int = 1):
         self._ring: list[np.ndarray] = []
-        self._size = queued + 2
+        self._size = queued + 1 + in_network
         self._batch_size = batch_size
         self._next = 0
 

@@ -51,6 +51,9 @@ def test_defaults_are_valid_and_leave_tiles_to_the_model() -> None:
         ({"compress": "jpeg"}, "compress must be one of"),
         ({"prefetch_batches": 0}, "prefetch_batches"),
         ({"threads": 0}, "threads"),
+        ({"parallel_batches": 0}, "parallel_batches must be a positive integer"),
+        ({"parallel_batches": True}, "parallel_batches must be a positive integer"),
+        ({"parallel_batches": 1.5}, "parallel_batches must be a positive integer"),
     ],
 )
 def test_nonsense_values_are_refused(changes: dict, message: str) -> None:

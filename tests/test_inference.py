@@ -1,7 +1,10 @@
-"""Tests for geoseg.inference's speed switches: ``--compile`` and how ``--precision auto`` decides."""
+"""Tests for geoseg.inference's speed switches: ``--compile``, parallel batches on the CPU, and how
+``--precision auto`` decides."""
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +15,7 @@ from click.testing import CliRunner
 import geoseg.inference as inference
 from geoseg.cli import main
 from geoseg.config import PredictConfig
-from geoseg.inference import TilePredictor, cpu_has_native_bf16, resolve_precision
+from geoseg.inference import TileBatch, TilePredictor, cpu_has_native_bf16, resolve_precision
 from geoseg.pipeline import predict_scene
 
 
@@ -52,6 +55,95 @@ def test_compile_reaches_the_predictor_from_config_and_cli(
     )
     assert result.exit_code == 0, result.output
     assert len(compile_calls) == 2
+
+
+@pytest.fixture
+def four_torch_threads():
+    """torch with 4 intra-op threads for the test (CI machines may have fewer cores), then as before."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)
+    yield 4
+    torch.set_num_threads(before)
+
+
+class SlowRecordingConv(torch.nn.Module):
+    """A 1x1 convolution that waits first and records each forward pass.
+
+    Per pass: its thread, the torch threads it ran on, when it started and ended.
+    """
+
+    def __init__(self, bands: int = 4, classes: int = 3, wait_s: float = 0.05):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(bands, classes, 1)
+        self.wait_s = wait_s
+        self.runs: list[tuple[int, int, float, float]] = []
+        self._lock = threading.Lock()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        start = time.perf_counter()
+        time.sleep(self.wait_s)
+        out = self.conv(x)
+        with self._lock:
+            self.runs.append((threading.get_ident(), torch.get_num_threads(), start, time.perf_counter()))
+        return out
+
+
+def test_parallel_batches_run_at_once_on_a_share_of_the_threads_in_order(four_torch_threads) -> None:
+    module = SlowRecordingConv()
+    predictor = TilePredictor(module, torch.device("cpu"), "fp32", 32, max_batch=2, parallel_batches=2)
+    assert (predictor.parallel_batches, predictor.batches_in_flight) == (2, 3)
+    rng = np.random.default_rng(0)
+    batches = [TileBatch(rng.normal(size=(2, 4, 32, 32)).astype(np.float32), [i], [], []) for i in range(7)]
+    out = list(predictor.stream(iter(batches)))
+    assert [batch.tiles for batch, _ in out] == [[i] for i in range(7)]
+    with torch.inference_mode():
+        for batch, logits in out:
+            expected = module.conv(torch.from_numpy(batch.pixels)).numpy()
+            np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-6)
+    assert {threads for _, threads, _, _ in module.runs} == {2}, "each batch on half of the 4 threads"
+    assert len({thread for thread, _, _, _ in module.runs}) == 2
+    spans = sorted((start, end) for _, _, start, end in module.runs)
+    overlapping = [b_start < a_end for (_, a_end), (b_start, _) in zip(spans, spans[1:], strict=False)]
+    assert any(overlapping), "two batches ran at once"
+    assert torch.get_num_threads() == 4, "the caller's thread count is restored"
+
+
+def test_one_batch_at_a_time_where_parallel_batches_do_not_apply(four_torch_threads, compile_calls) -> None:
+    cpu = torch.device("cpu")
+    def predictor(module: torch.nn.Module | None = None, **options) -> TilePredictor:
+        return TilePredictor(module or SlowRecordingConv(), cpu, "fp32", 32, max_batch=1, **options)
+
+    assert predictor().parallel_batches == 2  # the default
+    assert predictor(parallel_batches=9).parallel_batches == 4  # at most one thread each
+    assert predictor(parallel_batches=1).batches_in_flight == 1
+    assert predictor(compile=True).parallel_batches == 1
+    onnx_like = SlowRecordingConv()
+    onnx_like.fixed_precision = "fp32"  # an ONNX runtime session: threads of its own
+    assert predictor(onnx_like).parallel_batches == 1
+    torch.set_num_threads(1)
+    assert predictor().parallel_batches == 1
+
+
+def test_parallel_batches_reach_the_predictor_from_the_cli(
+    tmp_path: Path, make_scene, tiny_model_file: Path, monkeypatch: pytest.MonkeyPatch, four_torch_threads
+) -> None:
+    seen: list[int] = []
+    original = TilePredictor.__init__
+
+    def record(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        seen.append(self.parallel_batches)
+
+    monkeypatch.setattr(TilePredictor, "__init__", record)
+    scene = make_scene()
+    for flags in ([], ["--parallel-batches", "3"], ["--parallel-batches", "1"]):
+        result = CliRunner().invoke(
+            main, ["predict", str(scene), str(tmp_path / "out.tif"), "--model", str(tiny_model_file), "-q",
+                   "--overwrite", *flags]
+        )
+        assert result.exit_code == 0, result.output
+    assert seen == [2, 3, 1]
 
 
 @pytest.mark.slow

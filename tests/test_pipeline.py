@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 import warnings
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -596,6 +597,29 @@ def test_model_failure_mid_run_leaves_nothing(
         run(src, out / "labels.tif", tiny_loaded_model, batch_size=1)
     assert calls["n"] == 3
     assert_nothing_written(out)
+
+
+@pytest.mark.parametrize(("parallel", "batch_size", "prefetch"), [(2, 1, 1), (3, 2, 1), (4, 3, 2)])
+def test_parallel_batches_keep_the_tiled_prediction_exact(
+    tmp_path: Path, make_scene, tiny_metadata, pointwise_model, parallel: int, batch_size: int, prefetch: int
+) -> None:
+    # A slow network lets the reader run as far ahead as it may: if it refilled a batch array that
+    # a network thread still reads, the map would be wrong.
+    invalid = border_mask(77, 101)
+    src = make_scene(width=101, height=77, nodata=0, invalid=invalid, seed=5)
+    model = pointwise_model(tiny_metadata(normalization=CENTRED), seed=1)
+    model.module.register_forward_pre_hook(lambda module, args: time.sleep(0.02))
+    before = torch.get_num_threads()
+    torch.set_num_threads(parallel)
+    try:
+        run(src, tmp_path / "out.tif", model, tile=32, overlap=8, batch_size=batch_size,
+            prefetch_batches=prefetch, parallel_batches=parallel)
+    finally:
+        torch.set_num_threads(before)
+    labels = check_output(tmp_path / "out.tif", src, class_ids={1, 2, 3})
+    expected, clear = expected_pointwise_labels(model, src, [1, 2, 3, 4], invalid)
+    np.testing.assert_array_equal(labels[clear], expected[clear])
+    np.testing.assert_array_equal(labels == 255, invalid)
 
 
 @pytest.mark.parametrize(("readers", "batch_size"), [(2, 1), (3, 2), (4, 5)])
