@@ -19,8 +19,9 @@ Prints figures; asserts nothing. Run from the repository root:
 Peak RSS is each ``geoseg predict`` child's own VmHWM (bench/peak.py says why not ``os.wait4``).
 
 Shared machines drift: (a) is measured just before and just after each (b) and the two are
-averaged, ``--repeat`` times, and the ratio is taken pair by pair; medians are quoted, with the range. The model alone runs with the same
-malloc settings as the CLI (geoseg/_malloc.py), its fastest: the ratio is against its best.
+averaged, ``--repeat`` times, and the ratio is taken pair by pair; medians are quoted, with the
+range. The model alone runs with the same malloc settings as the CLI (geoseg/_malloc.py), in
+its fastest way: the ratio is against its best.
 """
 
 from __future__ import annotations
