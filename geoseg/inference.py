@@ -210,8 +210,9 @@ class TilePredictor:
     def stream(self, batches: Iterable[TileBatch]) -> Iterator[tuple[TileBatch, Any]]:
         """Yield ``(batch, logits (N, K, T, T) float32)`` in order, one batch behind the launch.
 
-        Logits are a host array, or a tensor on the GPU with ``logits_on_device``. Each may be
-        reused after the next item is requested: consume it first.
+        With parallel batches on the CPU, ``parallel_batches`` behind. Logits are a host array,
+        or a tensor on the GPU with ``logits_on_device``. Each may be reused after the next item
+        is requested: consume it first.
         """
         if self.parallel_batches > 1:
             yield from self._stream_parallel(batches)
