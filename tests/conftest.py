@@ -7,7 +7,7 @@ an explicit CRS and Affine, written by :func:`make_scene`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -270,6 +270,17 @@ class Pointwise:
 def pointwise_model() -> Pointwise:
     """Factory of 1x1-convolution models (see :class:`Pointwise`); ``calls``/``tiles_seen`` count use."""
     return Pointwise()
+
+
+@pytest.fixture
+def four_torch_threads() -> Iterator[int]:
+    """torch with 4 intra-op threads for the test (CI machines may have fewer cores), then as before."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)
+    yield 4
+    torch.set_num_threads(before)
 
 
 @pytest.fixture

@@ -57,15 +57,6 @@ def test_compile_reaches_the_predictor_from_config_and_cli(
     assert len(compile_calls) == 2
 
 
-@pytest.fixture
-def four_torch_threads():
-    """torch with 4 intra-op threads for the test (CI machines may have fewer cores), then as before."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(4)
-    yield 4
-    torch.set_num_threads(before)
-
-
 class SlowRecordingConv(torch.nn.Module):
     """A 1x1 convolution that waits first and records each forward pass.
 

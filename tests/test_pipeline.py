@@ -96,12 +96,13 @@ def invalid_pixels(src: Path, nodata: float | None) -> np.ndarray:
 
 
 def expected_pointwise_labels(
-    model: Any, src: Path, bands: list[int], invalid: np.ndarray
+    model: Any, src: Path, bands: list[int], invalid: np.ndarray, layer: Any = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Class ids of the conv applied to the whole image, and where the top two logits are clearly apart."""
+    """Class ids of the conv (or ``layer``) applied to the whole image, and where the top two
+    logits are clearly apart."""
     with rasterio.open(src) as s:
         pixels = s.read(bands)
-    logits = pointwise_logits(model, pixels, ~invalid)
+    logits = pointwise_logits(model, pixels, ~invalid, layer)
     top2 = np.sort(logits, axis=0)[-2:]
     clear = (top2[1] - top2[0]) > 1e-4  # elsewhere float rounding may flip a near tie
     ids = np.array([c.id for c in model.metadata.classes])
@@ -110,14 +111,15 @@ def expected_pointwise_labels(
     return labels, clear | invalid
 
 
-def pointwise_logits(model: Any, pixels: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """The model's 1x1 conv applied to a whole normalised image ``(C, H, W)`` -> ``(K, H, W)``."""
+def pointwise_logits(model: Any, pixels: np.ndarray, valid: np.ndarray, layer: Any = None) -> np.ndarray:
+    """The model's 1x1 conv (or another per-pixel ``layer``) applied to a whole normalised image
+    ``(C, H, W)`` -> ``(K, H, W)``."""
     mul, bias = model.metadata.normalization.multiplier_and_bias()
     x = pixels.astype(np.float32) * np.asarray(mul, np.float32)[:, None, None]
     x += np.asarray(bias, np.float32)[:, None, None]
     x[:, ~valid] = 0.0  # as the reader does
     with torch.inference_mode():
-        return model.module.conv(torch.from_numpy(x)[None])[0].numpy()
+        return (layer or model.module.conv)(torch.from_numpy(x)[None])[0].numpy()
 
 
 # --- exact stitching -------------------------------------------------------------------------------
@@ -255,17 +257,8 @@ def test_model_with_pixel_head_is_stitched_exactly(
     dst = tmp_path / "out.tif"
     run(src, dst, model, tile=tile, overlap=overlap, batch_size=batch_size)
     labels = check_output(dst, src, class_ids={1, 2, 3})
-
-    with rasterio.open(src) as s:
-        pixels = s.read().astype(np.float32)
-    mul, bias = meta.normalization.multiplier_and_bias()
-    x = pixels * np.asarray(mul, np.float32)[:, None, None] + np.asarray(bias, np.float32)[:, None, None]
-    x[:, invalid] = 0.0
-    with torch.inference_mode():
-        logits = model.module.pixel_head(torch.from_numpy(x)[None])[0].numpy()
-    top2 = np.sort(logits, axis=0)[-2:]
-    clear = ((top2[1] - top2[0]) > 1e-4) & ~invalid
-    expected = np.array([c.id for c in meta.classes])[np.argmax(logits, axis=0)]
+    expected, clear = expected_pointwise_labels(model, src, [1, 2, 3, 4], invalid, model.module.pixel_head)
+    clear &= ~invalid
     assert clear[~invalid].mean() > 0.99
     np.testing.assert_array_equal(labels[clear], expected[clear])
     np.testing.assert_array_equal(labels == 255, invalid)
@@ -601,7 +594,8 @@ def test_model_failure_mid_run_leaves_nothing(
 
 @pytest.mark.parametrize(("parallel", "batch_size", "prefetch"), [(2, 1, 1), (3, 2, 1), (4, 3, 2)])
 def test_parallel_batches_keep_the_tiled_prediction_exact(
-    tmp_path: Path, make_scene, tiny_metadata, pointwise_model, parallel: int, batch_size: int, prefetch: int
+    tmp_path: Path, make_scene, tiny_metadata, pointwise_model, four_torch_threads,
+    parallel: int, batch_size: int, prefetch: int
 ) -> None:
     # A slow network lets the reader run as far ahead as it may: if it refilled a batch array that
     # a network thread still reads, the map would be wrong.
@@ -609,13 +603,8 @@ def test_parallel_batches_keep_the_tiled_prediction_exact(
     src = make_scene(width=101, height=77, nodata=0, invalid=invalid, seed=5)
     model = pointwise_model(tiny_metadata(normalization=CENTRED), seed=1)
     model.module.register_forward_pre_hook(lambda module, args: time.sleep(0.02))
-    before = torch.get_num_threads()
-    torch.set_num_threads(parallel)
-    try:
-        run(src, tmp_path / "out.tif", model, tile=32, overlap=8, batch_size=batch_size,
-            prefetch_batches=prefetch, parallel_batches=parallel)
-    finally:
-        torch.set_num_threads(before)
+    run(src, tmp_path / "out.tif", model, tile=32, overlap=8, batch_size=batch_size,
+        prefetch_batches=prefetch, parallel_batches=parallel)
     labels = check_output(tmp_path / "out.tif", src, class_ids={1, 2, 3})
     expected, clear = expected_pointwise_labels(model, src, [1, 2, 3, 4], invalid)
     np.testing.assert_array_equal(labels[clear], expected[clear])
