@@ -135,7 +135,8 @@ def _predict_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--compress", type=click.Choice(COMPRESSIONS), help="Output compression [deflate]."),
         click.option("--threads", type=int, help="CPU threads for the network [all cores]."),
         click.option("--parallel-batches", type=int,
-                     help="CPU: batches run at once, each on threads / N torch threads [2 with 2+ threads]."),
+                     help="CPU: batches run at once, each on threads / N torch threads "
+                          "[threads / 4, at least 2 and at most 8]."),
         click.option("--reader-threads", type=int,
                      help="Threads reading tiles, each with its own dataset handle [1 on CPU, up to 8 with a GPU]."),
         click.option("--compile", "compile", is_flag=True, default=None,

@@ -47,7 +47,8 @@ class PredictConfig:
         prefetch_batches: Batches read ahead of the model (bounded, so memory stays flat).
         threads: Intra-op CPU threads for torch; ``None`` leaves torch's default (all cores).
         parallel_batches: CPU only: batches run through the network at once, each on its own
-            thread with an equal share of ``threads``; ``None``: 2 where there are 2 threads or more.
+            thread with an equal share of ``threads``; ``None``: one per four threads, at least
+            2 (with 2 threads or more) and at most 8.
         reader_threads: Threads reading and decoding tiles, each with its own dataset handle;
             ``None``: 1 on the CPU, up to 8 (half the cores) beside a GPU.
         compile: Run the network through ``torch.compile`` (the first batch compiles, about a

@@ -101,14 +101,21 @@ def resolve_precision(name: str, device: torch.device) -> str:
 
 
 def default_parallel_batches() -> int:
-    """Batches the CPU runs at once by default: 2 where torch has 2 threads or more, else 1.
+    """Batches the CPU runs at once by default: one per four torch threads, at least 2 and at most 8.
 
-    On this project's 2-core machine two batches of one thread each ran ``geoseg predict`` on
-    a 4096 px scene in 15.3 and 16.2 s against 17.5 and 20.9 s for one batch on two threads, and
-    on an 8192 px one 40 % faster (README, Performance); with more cores each of the two
-    batches gets half of them (not measured).
+    1 where torch has one thread. Small batches of tiles do not keep many threads busy (each
+    operation of a 256 px tile is small), while each batch in flight costs its activations'
+    memory (~100-300 MiB at batch 4):
+    - this project's 2 cores: two batches of one thread each ran ``geoseg predict`` on a 4096 px
+      scene in 15.3 and 16.2 s against 17.5 and 20.9 s for one batch on two threads, and on an
+      8192 px one 40 % faster (README, Performance);
+    - 16 cores (Intel Xeon, the lent GPU machine's CPU; 8192 px scene, batch 4, ``geoseg
+      predict`` end to end): 3.0 MP/s with 1 batch, 3.9 with 2, 4.5-5.3 (n = 4) with 4, 4.7
+      with 8 and 5.0 with 16, peaking at 0.8, 1.0, 1.3, 2.0 and 2.6 GiB. Four threads a batch
+      gave most of the speed for the memory; the cap of 8 is a guess for larger machines.
     """
-    return 2 if torch.get_num_threads() >= 2 else 1
+    threads = torch.get_num_threads()
+    return 1 if threads < 2 else min(8, max(2, threads // 4))
 
 
 def upsample_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

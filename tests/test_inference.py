@@ -15,7 +15,13 @@ from click.testing import CliRunner
 import geoseg.inference as inference
 from geoseg.cli import main
 from geoseg.config import PredictConfig
-from geoseg.inference import TileBatch, TilePredictor, cpu_has_native_bf16, resolve_precision
+from geoseg.inference import (
+    TileBatch,
+    TilePredictor,
+    cpu_has_native_bf16,
+    default_parallel_batches,
+    resolve_precision,
+)
 from geoseg.pipeline import predict_scene
 
 
@@ -116,6 +122,16 @@ def test_one_batch_at_a_time_where_parallel_batches_do_not_apply(four_torch_thre
     assert predictor().parallel_batches == 1
 
 
+@pytest.mark.parametrize(("threads", "expected"), [(1, 1), (2, 2), (3, 2), (8, 2), (12, 3), (16, 4), (64, 8)])
+def test_default_parallel_batches_give_each_about_four_threads(threads: int, expected: int) -> None:
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        assert default_parallel_batches() == expected
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_parallel_batches_reach_the_predictor_from_the_cli(
     tmp_path: Path, make_scene, tiny_model_file: Path, monkeypatch: pytest.MonkeyPatch, four_torch_threads
 ) -> None:
@@ -131,7 +147,7 @@ def test_parallel_batches_reach_the_predictor_from_the_cli(
     for flags in ([], ["--parallel-batches", "3"], ["--parallel-batches", "1"]):
         result = CliRunner().invoke(
             main, ["predict", str(scene), str(tmp_path / "out.tif"), "--model", str(tiny_model_file), "-q",
-                   "--overwrite", *flags]
+                   "--overwrite", "--device", "cpu", *flags]
         )
         assert result.exit_code == 0, result.output
     assert seen == [2, 3, 1]
