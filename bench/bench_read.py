@@ -7,10 +7,8 @@ Prints figures; asserts nothing. From the repository root:
 
 Every tile of the bundled model's grid is read in grid order (decoded, masked, normalised) as
 ``geoseg predict`` reads it; with N threads, thread i reads the batches i, i + N, ... through a
-dataset handle of its own; one thread keeps the rows a tile row shares with the next (as
-one reader in ``geoseg predict`` does), so it decodes each block once. The figure is unique
-scene megapixels per second, comparable with bench/bench_predict.py's: the ceiling the reader
-puts on end-to-end throughput.
+dataset handle of its own. The figure is unique scene megapixels per second, comparable with
+bench/bench_predict.py's: the ceiling the reader puts on end-to-end throughput.
 """
 
 from __future__ import annotations
@@ -51,10 +49,8 @@ def main() -> None:
             tiles = list(grid)
             batches = [tiles[i : i + args.batch_size] for i in range(0, len(tiles), args.batch_size)]
 
-            row_starts = grid.row_starts if threads == 1 else None  # as geoseg predict reads
-
-            def read(first: int, threads: int = threads, row_starts=row_starts) -> None:
-                with SceneReader(scene, multiplier, bias, row_starts) as reader:
+            def read(first: int) -> None:
+                with SceneReader(scene, multiplier, bias) as reader:
                     for batch in batches[first::threads]:
                         for tile in batch:
                             reader.read_tile(tile.y, tile.x, tile.size)

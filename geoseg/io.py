@@ -194,36 +194,14 @@ class SceneReader:
     is smaller than a tile, with invalid pixels set to 0 (the normalised mean) and a validity
     mask. Validity follows rasterio's dataset mask: a pixel is nodata when every selected band
     equals the nodata value (or is NaN), or where the internal mask or alpha band says so.
-
-    Given the grid's ``row_starts`` (tiles then read row by row, as one reader reads them), the
-    reader decodes each row of blocks once: it reads on to the end of the blocks under a tile and
-    keeps the rows the tile below will need, from that tile's top to there, so the next tile row
-    starts reading at a block boundary. Without this, GDAL decodes the blocks along every tile
-    row's lower edge twice (its block cache is sized for one tile row, see
-    :func:`geoseg.pipeline.block_cache_bytes`), which took 35-40 % of the reader's time on an
-    8192 px scene with 256 px blocks. The rows kept span the scene's width and at most
-    ``tile - stride + block`` rows (raw values and validity: about 14 MB on average and 25 MB at
-    most for a 4-band uint16 scene 8192 px wide with 256 px blocks and tiles, overlap 32). Tiles
-    must then come in grid order, as from one reader: rows kept for a tile column are used by the
-    next tile read in that column, if it is the one below.
     """
 
-    def __init__(
-        self,
-        scene: Scene,
-        multiplier: Sequence[float],
-        bias: Sequence[float],
-        row_starts: Sequence[int] | None = None,
-    ):
+    def __init__(self, scene: Scene, multiplier: Sequence[float], bias: Sequence[float]):
         self.scene = scene
         self._src = _open(scene.path)
         self._remote = _remote.is_remote(scene.path)
         self._mul = np.asarray(multiplier, np.float32)[:, None, None]
         self._bias = np.asarray(bias, np.float32)[:, None, None]
-        starts = sorted(row_starts or ())
-        self._next_row_start = dict(zip(starts, starts[1:], strict=False))
-        # Tile column x -> rows kept for the tile below: (first row, raw values, validity).
-        self._kept: dict[int, tuple[int, npt.NDArray[Any], npt.NDArray[np.bool_]]] = {}
 
     def close(self) -> None:
         """Close the dataset handle."""
@@ -256,55 +234,7 @@ class SceneReader:
         scene = self.scene
         h = min(size_px, scene.height - y)
         w = min(size_px, scene.width - x)
-        raw, valid = self._read_rows(y, x, h, w, size_px)
-        pixels = raw.astype(np.float32)
-        pixels *= self._mul
-        pixels += self._bias
-        pixels[:, ~valid] = 0.0
-        if h < size_px or w < size_px:
-            pad = ((0, 0), (0, size_px - h), (0, size_px - w))
-            pixels = np.pad(pixels, pad, mode="reflect" if min(h, w) > 1 else "edge")
-            valid = np.pad(valid, pad[1:], mode="constant", constant_values=False)
-        return pixels, valid, h, w
-
-    def _read_rows(
-        self, y: int, x: int, h: int, w: int, size_px: int
-    ) -> tuple[npt.NDArray[Any], npt.NDArray[np.bool_]]:
-        """Raw values and validity of rows ``y .. y + h``, columns ``x .. x + w``.
-
-        Uses and refreshes the rows kept for this tile column (see the class docstring).
-        """
-        top, bottom = y, y + h
-        kept = self._kept.pop(x, None)
-        if kept is not None and kept[0] > y:  # kept for a tile row below this one
-            self._kept[x], kept = kept, None
-        if kept is not None and kept[0] <= y < kept[0] + kept[1].shape[1] and kept[1].shape[2] == w:
-            top = kept[0] + kept[1].shape[1]
-        else:
-            kept = None
-        next_y = self._next_row_start.get(y)
-        block_rows = self.scene.block_shape[0]
-        if next_y is not None and block_rows <= size_px:
-            # Read on to the end of the block row: decoded anyway, and the tile below needs it.
-            bottom = min(self.scene.height, -(-bottom // block_rows) * block_rows)
-        if bottom > top:
-            raw, valid = self._read_window(Window(x, top, w, bottom - top))
-        else:
-            raw = np.empty((len(self.scene.band_indexes), 0, w), self.scene.dtype)
-            valid = np.empty((0, w), bool)
-        if kept is not None:
-            start = y - kept[0]
-            raw = np.concatenate([kept[1][:, start:], raw], axis=1)
-            valid = np.concatenate([kept[2][start:], valid], axis=0)
-        if next_y is not None and next_y < y + raw.shape[1]:
-            # Copies, so the kept rows do not pin the whole read.
-            self._kept[x] = (next_y, raw[:, next_y - y :].copy(), valid[next_y - y :].copy())
-        return raw[:, :h], valid[:h]
-
-    def _read_window(self, window: Window) -> tuple[npt.NDArray[Any], npt.NDArray[np.bool_]]:
-        """Raw values and validity of one window, retrying a remote read that looks transient."""
-        scene = self.scene
-        x, y, w, h = window.col_off, window.row_off, window.width, window.height
+        window = Window(x, y, w, h)
         attempts = _remote.READ_ATTEMPTS if self._remote else 1
         for attempt in range(1, attempts + 1):
             with _remote.http_messages() as http:
@@ -325,7 +255,15 @@ class SceneReader:
             _remote.close_forgetting_bytes(self._src)  # else the retry meets the same cut-short bytes
             time.sleep(delay)
             self._src = _open(scene.path)
-        return raw, valid
+        pixels = raw.astype(np.float32)
+        pixels *= self._mul
+        pixels += self._bias
+        pixels[:, ~valid] = 0.0
+        if h < size_px or w < size_px:
+            pad = ((0, 0), (0, size_px - h), (0, size_px - w))
+            pixels = np.pad(pixels, pad, mode="reflect" if min(h, w) > 1 else "edge")
+            valid = np.pad(valid, pad[1:], mode="constant", constant_values=False)
+        return pixels, valid, h, w
 
     def _valid_mask(self, raw: npt.NDArray[Any], window: Window) -> npt.NDArray[np.bool_]:
         scene = self.scene

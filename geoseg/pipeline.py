@@ -281,10 +281,9 @@ def block_cache_bytes(
     The cache does not keep a tile row's blocks for the next tile row, whose top rows lie in the
     same blocks: that would take 2.5 block rows across the whole width (42 MB for a 4-band uint16
     scene 8192 px wide, 205 MB at 40,000 px), the one part of ``geoseg predict``'s memory that grew
-    with the scene. A lone reader keeps the rows the next tile row needs itself, as raw values, so
-    no block is decoded twice (:class:`geoseg.io.SceneReader`); several readers, which read
-    batches of tiles in turn, decode the blocks along a tile row's lower edge twice. Remote bytes
-    are not fetched twice either way (``CPL_VSIL_CURL_CACHE_SIZE``).
+    with the scene. Without it the blocks along a tile row's lower edge are decoded twice: about
+    2 % more CPU time on an 8192 px scene (bench/bench_predict.py, README Performance); remote
+    bytes are not fetched twice (``CPL_VSIL_CURL_CACHE_SIZE``).
 
     Args:
         scene: The scene read.
@@ -565,9 +564,7 @@ def _read_batches(
     first, readers = part
     buffers = _BatchBuffers(out.maxsize, batch_size, in_network)
     try:
-        # One reader reads every tile row in turn, so it can keep the rows shared with the next.
-        row_starts = grid.row_starts if readers == 1 else None
-        with SceneReader(scene, multiplier, bias, row_starts) as reader:
+        with SceneReader(scene, multiplier, bias) as reader:
 
             def read(tile: Tile) -> tuple[Tile, Any, Any, tuple[int, int]] | None:
                 inside = None

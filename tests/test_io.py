@@ -24,7 +24,6 @@ from geoseg.io import (
     pam_xml,
 )
 from geoseg.modelfile import ClassSpec, Normalization
-from geoseg.tiling import TileGrid
 
 
 def reader_for(scene: Any, meta: Any) -> SceneReader:
@@ -322,60 +321,6 @@ def test_reads_are_windowed(make_scene, tiny_metadata, record_reads) -> None:
     for window in reads:
         assert window is not None, "a read without a window reads the whole scene"
         assert window.width <= 64 and window.height <= 64
-
-
-@pytest.mark.parametrize(
-    ("layout", "tile", "overlap"),
-    [({"tiled": True, "blocksize": 16}, 64, 16), ({"tiled": True, "blocksize": 32}, 48, 7),
-     ({}, 64, 16), ({"tiled": True, "blocksize": 64}, 32, 8)],
-)
-@pytest.mark.parametrize("validity", ["none", "nodata", "mask", "alpha"])
-@pytest.mark.parametrize("skip_every", [0, 3])
-def test_rows_kept_for_the_next_tile_row_give_the_same_tiles(
-    make_scene, tiny_metadata, layout: dict[str, Any], tile: int, overlap: int, validity: str, skip_every: int
-) -> None:
-    height, width = 203, 150
-    holes = np.random.default_rng(1).random((height, width)) < 0.2
-    extra: dict[str, Any] = {
-        "none": {}, "nodata": {"nodata": 0, "invalid": holes}, "mask": {"mask": ~holes},
-        "alpha": {"alpha": ~holes},
-    }[validity]
-    path = make_scene(width=width, height=height, **layout, **extra)
-    meta = tiny_metadata()
-    scene = open_scene(path, meta)
-    grid = TileGrid(height, width, tile, overlap)
-    tiles = [t for t in grid if not skip_every or t.index % skip_every]  # as when an AOI skips tiles
-    mul, bias = meta.normalization.multiplier_and_bias()
-    with SceneReader(scene, mul, bias) as plain, SceneReader(scene, mul, bias, grid.row_starts) as keeping:
-        for t in tiles:
-            expected, got = plain.read_tile(t.y, t.x, t.size), keeping.read_tile(t.y, t.x, t.size)
-            np.testing.assert_array_equal(got[0], expected[0])
-            np.testing.assert_array_equal(got[1], expected[1])
-            assert got[2:] == expected[2:]
-
-
-@pytest.mark.parametrize("keep_rows", [True, False])
-def test_each_block_row_is_decoded_once_when_rows_are_kept(
-    make_scene, tiny_metadata, record_reads, keep_rows: bool
-) -> None:
-    height, width, block = 200, 150, 16
-    path = make_scene(width=width, height=height, tiled=True, blocksize=block)
-    meta = tiny_metadata()
-    scene = open_scene(path, meta)
-    grid = TileGrid(height, width, 64, 16)
-    mul, bias = meta.normalization.multiplier_and_bias()
-    with SceneReader(scene, mul, bias, grid.row_starts if keep_rows else None) as reader:
-        for t in grid:
-            reader.read_tile(t.y, t.x, t.size)
-    reads = [w for kind, w in record_reads if kind == "read"]
-    for x in grid.col_starts:
-        rows = sorted((int(w.row_off), int(w.row_off + w.height)) for w in reads if w.col_off == x)
-        # The block rows each read touches: with rows kept, no block row is decoded twice.
-        blocks = [b for top, bottom in rows for b in range(top // block, -(-bottom // block))]
-        assert (len(blocks) == len(set(blocks))) == keep_rows
-        assert set(blocks) == set(range(-(-height // block)))
-        if keep_rows:
-            assert all(top % block == 0 for top, _ in rows)  # each read starts at a block boundary
 
 
 # --- destination ----------------------------------------------------------------------------------

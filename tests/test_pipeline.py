@@ -558,16 +558,10 @@ def test_the_scene_is_only_read_in_windows(
     src = make_scene(width=200, height=300, nodata=0, invalid=invalid, tiled=True)
     run(src, tmp_path / "out.tif", tiny_loaded_model, tile=64, overlap=16)
     reads = [window for _, window in record_reads]
-    # A tile is read in one window at most as wide as it and at most a block (64 px) taller (the
-    # reader reads on to the end of a block row for the tile row below), or none where the rows
-    # kept from the tile row above cover it.
-    assert all(w is not None and w.width <= 64 and w.height <= 64 + 64 for w in reads), (
+    assert len(reads) >= 24
+    assert all(w is not None and w.width <= 64 and w.height <= 64 for w in reads), (
         "never read the whole scene"
     )
-    covered = np.zeros((300, 200), bool)
-    for w in reads:
-        covered[w.row_off : w.row_off + w.height, w.col_off : w.col_off + w.width] = True
-    assert covered.all()
 
 
 # --- failures leave nothing behind -------------------------------------------------------------------
