@@ -110,7 +110,7 @@ def default_parallel_batches() -> int:
       scene in 15.3 and 16.2 s against 17.5 and 20.9 s for one batch on two threads, and on an
       8192 px one 40 % faster (README, Performance);
     - 16 cores (Intel Xeon, the lent GPU machine's CPU; 8192 px scene, batch 4, ``geoseg
-      predict`` end to end): 3.0 MP/s with 1 batch, 3.9 with 2, 4.5-5.3 (n = 4) with 4, 4.7
+      predict`` end to end): 3.0 MP/s with 1 batch, 3.9 with 2, 4.4-5.3 (n = 4) with 4, 4.7
       with 8 and 5.0 with 16, peaking at 0.8, 1.0, 1.3, 2.0 and 2.6 GiB. Four threads a batch
       gave most of the speed for the memory; the cap of 8 is a guess for larger machines.
     """
