@@ -76,7 +76,6 @@ def model_only_tiles_per_s(
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     total_threads = torch.get_num_threads()
     done = [0] * parallel
-    start = time.perf_counter()
 
     def loop(i: int) -> None:
         if parallel > 1:

@@ -123,13 +123,11 @@ def test_one_batch_at_a_time_where_parallel_batches_do_not_apply(four_torch_thre
 
 
 @pytest.mark.parametrize(("threads", "expected"), [(1, 1), (2, 2), (3, 2), (8, 2), (12, 3), (16, 4), (64, 8)])
-def test_default_parallel_batches_give_each_about_four_threads(threads: int, expected: int) -> None:
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(threads)
-        assert default_parallel_batches() == expected
-    finally:
-        torch.set_num_threads(before)
+def test_default_parallel_batches_give_each_about_four_threads(
+    threads: int, expected: int, four_torch_threads
+) -> None:
+    torch.set_num_threads(threads)  # the fixture restores the caller's count
+    assert default_parallel_batches() == expected
 
 
 def test_parallel_batches_reach_the_predictor_from_the_cli(
