@@ -6,6 +6,7 @@ each command imports what it needs inside its body.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -110,7 +111,13 @@ def run() -> None:
             reason = err.strerror or err
             click.echo(f"Warning: could not re-run with tcmalloc ({reason}); using the system malloc",
                        err=True)
-    main()
+    try:
+        main()
+    finally:
+        # NOTE: at exit CPython's collector traverses every object once more (the ~170,000 that torch
+        # and rasterio create among them) and finds nothing worth freeing before the process ends.
+        # Frozen objects are skipped: `geoseg predict` exits 0.6 s sooner (README, Performance).
+        gc.freeze()
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
