@@ -145,6 +145,28 @@ def test_version(runner: CliRunner) -> None:
     assert geoseg.__version__ in result.output
 
 
+@pytest.mark.parametrize(("args", "code"), [(["--version"], 0), (["no-such-command"], 2)])
+def test_the_program_freezes_the_collector_before_it_exits(
+    monkeypatch: pytest.MonkeyPatch, args: list[str], code: int
+) -> None:
+    """run() (the ``geoseg`` program) moves every object out of the collector's reach as main() ends,
+    whether it succeeds or fails, so the interpreter's last collection has nothing to traverse."""
+    import gc
+
+    from geoseg import cli as cli_module
+
+    monkeypatch.setattr(sys, "argv", ["geoseg", *args])
+    gc.unfreeze()
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            cli_module.run()
+        frozen = gc.get_freeze_count()
+    finally:
+        gc.unfreeze()  # the test process keeps collecting as before
+    assert exit_info.value.code == code
+    assert frozen > 1000
+
+
 # --- init-model and info ---------------------------------------------------------------------------------
 
 
