@@ -96,7 +96,7 @@ def tcmalloc_environment(environ: dict[str, str], args: list[str]) -> dict[str, 
     use, so ``geoseg predict``'s peak memory rose in unpredictable steps with the network's large
     activations between the reader's and writer's smaller arrays: 495-616 MiB on a 2048 px scene and
     563-748 MiB on an 8192 px one over the same runs; with tcmalloc 457-461 and 523-527 MiB, at the
-    same speed (README, Performance). A malloc can only be replaced before the process starts,
+    same speed (docs/performance.md). A malloc can only be replaced before the process starts,
     hence ``LD_PRELOAD`` and a re-run of the same command.
 
     Nothing changes when: ``GEOSEG_ALLOCATOR=system``; the command is not one of

@@ -54,7 +54,7 @@ def argmax_classes(scores: npt.NDArray[np.float32]) -> npt.NDArray[np.uint8 | np
     vectorised compares are faster and keep the first maximum on ties, as argmax does. Class ``k``
     is recorded as ``max(labels, k * greater)``, which is right because ``k`` only grows and needs
     no branches: ``np.putmask`` was 4x slower on random scores, though on real logits, where the
-    mask is predictable, both are memory-bound (README, Performance).
+    mask is predictable, both are memory-bound (docs/performance.md).
     """
     best = scores[0].copy()
     labels = np.zeros(scores.shape[1:], index_dtype(scores.shape[0]))

@@ -83,7 +83,7 @@ def main() -> None:
     # NOTE: set before torch loads OpenMP. Idle libgomp threads spin GOMP_SPINCOUNT times (300,000
     # by default) before they sleep, taking the cores the reader and writer threads need, and a
     # whole machine when other jobs run: two predicts side by side took 116 s with the default,
-    # 28 s with 3,000, 23 s fully passive, which however costs a lone run 15 % (README, Performance).
+    # 28 s with 3,000, 23 s fully passive, which however costs a lone run 15 % (docs/performance.md).
     os.environ.setdefault("GOMP_SPINCOUNT", "3000")
     # Freed activations are reused for the next batch instead of unmapped and faulted back in:
     # predict on an 8192 px scene 51 s -> 43 s on 2 cores (geoseg/_malloc.py).
@@ -116,7 +116,7 @@ def run() -> None:
     finally:
         # NOTE: at exit CPython's collector traverses every object once more (the ~170,000 that torch
         # and rasterio create among them) and finds nothing worth freeing before the process ends.
-        # Frozen objects are skipped: `geoseg predict` ends about 0.4 s sooner (README, Performance).
+        # Frozen objects are skipped: `geoseg predict` ends about 0.4 s sooner (docs/performance.md).
         gc.freeze()
 
 

@@ -58,7 +58,7 @@ def cpu_has_native_bf16() -> bool:
     Needs both torch's oneDNN bf16 kernels (``torch.ops.mkldnn._is_mkldnn_bf16_supported()``,
     which is also true on AVX-512 CPUs that only emulate bf16) and a native bf16 instruction set,
     as torch's cpuinfo reports it (``torch.cpu.get_capabilities()``), else ``/proc/cpuinfo``.
-    On an AVX2-only CPU bf16 autocast measured 8 to 25 times slower than fp32 (README, Performance).
+    On an AVX2-only CPU bf16 autocast measured 8 to 25 times slower than fp32 (docs/performance.md).
     """
     try:
         if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
@@ -85,7 +85,7 @@ def resolve_precision(name: str, device: torch.device) -> str:
     bf16 on CUDA (when supported), fp32 on the CPU. bf16 autocast did not pay on any CPU
     measured: emulated (AVX2) it is 8 to 25 times slower than fp32, and on a 16-core Xeon with
     AMX and AVX512-BF16 (torch 2.11, 256 px tiles, batch 4) it ran SegFormer-B0 at 197-214 tiles/s
-    against 217 in fp32, and the bundled model at 34-40 against 57-69 (README, Performance).
+    against 217 in fp32, and the bundled model at 34-40 against 57-69 (docs/performance.md).
     ``bf16`` can still be asked for on the CPU.
 
     Raises:
@@ -108,7 +108,7 @@ def default_parallel_batches() -> int:
     memory (~100-300 MiB at batch 4):
     - this project's 2 cores: two batches of one thread each ran ``geoseg predict`` on a 4096 px
       scene in 15.3 and 16.2 s against 17.5 and 20.9 s for one batch on two threads, and on an
-      8192 px one 40 % faster (README, Performance);
+      8192 px one 40 % faster (docs/performance.md);
     - 16 cores (Intel Xeon, the lent GPU machine's CPU; 8192 px scene, batch 4, ``geoseg
       predict`` end to end): 3.0 MP/s with 1 batch, 3.9 with 2, 4.4-5.3 (n = 4) with 4, 4.7
       with 8 and 5.0 with 16, peaking at 0.8, 1.0, 1.3, 2.0 and 2.6 GiB. Four threads a batch

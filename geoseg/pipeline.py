@@ -282,7 +282,7 @@ def block_cache_bytes(
     same blocks: that would take 2.5 block rows across the whole width (42 MB for a 4-band uint16
     scene 8192 px wide, 205 MB at 40,000 px), the one part of ``geoseg predict``'s memory that grew
     with the scene. Without it the blocks along a tile row's lower edge are decoded twice: about
-    2 % more CPU time on an 8192 px scene (bench/bench_predict.py, README Performance); remote
+    2 % more CPU time on an 8192 px scene (bench/bench_predict.py, docs/performance.md); remote
     bytes are not fetched twice (``CPL_VSIL_CURL_CACHE_SIZE``).
 
     Args:

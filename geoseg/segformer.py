@@ -279,7 +279,7 @@ class SegformerEfficientSelfAttention(nn.Module):
             # NOTE: in fp32 even under autocast. On a Xeon with AMX, torch 2.11's bf16 kernel for
             # this convolution was wrong for the bundled model's 8 x 8 stride-8 one over 24 channels
             # (131 % relative error; 32 channels were fine), which changed the class of 11 % of the
-            # Zion scene's pixels (README, Performance). It is a small part of the work.
+            # Zion scene's pixels (docs/performance.md). It is a small part of the work.
             with torch.autocast(hidden_states.device.type, enabled=False):
                 reduced = self.sr(_tokens_to_map(hidden_states.float(), height, width))  # (N, C, H/sr, W/sr)
             kv_states = self.layer_norm(_map_to_tokens(reduced))  # (N, L/sr², C)

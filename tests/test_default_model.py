@@ -51,7 +51,7 @@ def test_default_model_is_bundled_and_described() -> None:
 def test_bf16_keeps_the_default_models_class_map(tmp_path: Path) -> None:
     """bf16 autocast on the CPU changes the class of few pixels. It checks the kernels of the CPU it
     runs on: on a Xeon with AMX (torch 2.11) a wrong bf16 convolution kernel once changed 11 % of
-    the Zion scene's pixels; 0.11 % differ since that convolution runs in fp32 (README, Performance)."""
+    the Zion scene's pixels; 0.11 % differ since that convolution runs in fp32 (docs/performance.md)."""
     from geoseg.config import PredictConfig
     from geoseg.pipeline import predict_scene
 

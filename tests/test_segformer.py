@@ -320,8 +320,8 @@ def test_decoder_runs_in_fp32_under_autocast_and_encoder_in_bf16():
 
 
 def test_spatial_reduction_runs_in_fp32_under_autocast():
-    # torch 2.11's CPU bf16 kernel for this convolution was wrong on a Xeon with AMX (README,
-    # Performance): the reduction runs in fp32 whatever autocast says, on an fp32 copy of its input.
+    # torch 2.11's CPU bf16 kernel for this convolution was wrong on a Xeon with AMX
+    # (docs/performance.md): the reduction runs in fp32 whatever autocast says, on an fp32 copy of its input.
     model = build(tiny_config()).eval()
     randomize_(model)
     reductions = [m.sr for m in model.modules() if isinstance(m, SegformerEfficientSelfAttention) and m.sr_ratio > 1]
