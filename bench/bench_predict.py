@@ -20,8 +20,11 @@ Peak RSS is each ``geoseg predict`` child's own VmHWM (bench/peak.py says why no
 
 Shared machines drift: (a) is measured just before and just after each (b) and the two are
 averaged, ``--repeat`` times, and the ratio is taken pair by pair; medians are quoted, with the
-range. The model alone runs with the same malloc settings as the CLI (geoseg/_malloc.py), in
-its fastest way: the ratio is against its best.
+range. The model alone runs in its fastest way, so the ratio is against its best. It and (c) run in
+this process: on glibc's malloc with the CLI's thresholds (geoseg/_malloc.py) unless tcmalloc is
+preloaded (``LD_PRELOAD=libtcmalloc_minimal.so.4``), while ``geoseg predict`` re-runs itself under
+tcmalloc where installed. The network ran at the same speed on both; (c) on the CPU is best
+compared with (b) under the same allocator (docs/performance.md).
 """
 
 from __future__ import annotations
