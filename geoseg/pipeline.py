@@ -8,6 +8,7 @@ them are bounded, so memory stays flat however big the scene is.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -601,8 +602,11 @@ def _read_batches(
                     _put(out, buffers.batch(items) if items else None, stop)
         _put(out, _DONE, stop)
     except BaseException as err:  # handed to the main thread, which re-raises it
-        if not stop.is_set():
-            _put(out, err, stop)
+        # NOTE: once stopped, the run already fails with the first error; _put would raise
+        # "pipeline stopped" here, and an exception escaping a thread prints its traceback.
+        with contextlib.suppress(RuntimeError):
+            if not stop.is_set():
+                _put(out, err, stop)
 
 
 class _BatchBuffers:

@@ -645,6 +645,9 @@ def test_reader_threads_default_to_one_on_the_cpu_and_half_the_cores_beside_a_gp
         PredictConfig(reader_threads=0)
 
 
+# NOTE: a reader that fails after the run was stopped must not die with an unhandled exception
+# (the CLI would print its traceback); pytest reports one as this warning.
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
 @pytest.mark.parametrize("readers", [1, 3])
 def test_reader_failure_mid_run_leaves_nothing(
     tmp_path: Path, make_scene, tiny_loaded_model, monkeypatch: pytest.MonkeyPatch, readers: int
