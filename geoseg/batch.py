@@ -57,7 +57,8 @@ MAX_ATTEMPTS = 2
 WORKER_MEMORY_BYTES = 3 << 29  # 1.5 GiB
 #: PredictConfig fields that change speed, never the output: left out of the settings hash.
 SPEED_ONLY_FIELDS = (
-    "model", "threads", "parallel_batches", "reader_threads", "prefetch_batches", "batch_size", "compile"
+    "model", "threads", "parallel_batches", "reader_threads", "prefetch_batches", "batch_size", "compile",
+    "trace",
 )
 
 

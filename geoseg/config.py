@@ -53,6 +53,9 @@ class PredictConfig:
             ``None``: 1 on the CPU, up to 8 (half the cores) beside a GPU.
         compile: Run the network through ``torch.compile`` (the first batch compiles, about a
             minute for B0 on a CPU; needs a C++ compiler). No effect on ONNX models.
+        trace: On the CPU in fp32, run the network as a traced TorchScript graph, which frees
+            the GIL between its operators (:class:`geoseg.inference.TracedNetwork`); ``None``: only
+            with 4 or more batches at once on a scene of 256 tiles or more.
         crf: Refine the class map with a dense CRF (:mod:`geoseg.crf`); ``None``: no CRF.
         cog: Write the class raster (and probability or confidence rasters) as Cloud-Optimized
             GeoTIFFs with overviews (mode resampling for classes, average for probabilities).
@@ -74,6 +77,7 @@ class PredictConfig:
     parallel_batches: int | None = None
     reader_threads: int | None = None
     compile: bool = False
+    trace: bool | None = None
     crf: CrfConfig | None = None
     cog: bool = False
 
@@ -115,6 +119,8 @@ class PredictConfig:
             raise ConfigError(f"reader_threads must be a positive integer, got {self.reader_threads!r}")
         if not isinstance(self.compile, bool):
             raise ConfigError(f"compile must be true or false, got {self.compile!r}")
+        if self.trace is not None and not isinstance(self.trace, bool):
+            raise ConfigError(f"trace must be true, false or null, got {self.trace!r}")
         if self.crf is not None and not isinstance(self.crf, CrfConfig):
             raise ConfigError(f"crf must be a CrfConfig or None, got {self.crf!r}")
         if not isinstance(self.cog, bool):

@@ -95,6 +95,7 @@ class PredictResult:
     precision: str
     tile_px: int
     overlap_px: int
+    traced: bool = False  # the network ran as a traced TorchScript graph
 
     @property
     def megapixels_per_second(self) -> float:
@@ -177,8 +178,10 @@ def predict_scene(
         predictor = TilePredictor(
             model.module, device, precision, grid.tile_px, max_batch=config.batch_size, compile=config.compile,
             logits_on_device=True,  # on a GPU, blend there: only class indexes come back to the host
-            parallel_batches=config.parallel_batches,
+            parallel_batches=config.parallel_batches, trace=config.trace, tiles=len(grid),
         )
+        if predictor.traced:
+            log.info("network: traced (TorchScript), %d batches at once", predictor.parallel_batches)
         precision = predictor.precision  # an ONNX model runs in fp32 whatever was asked
         tags = {
             "GEOSEG_VERSION": __version__,
@@ -214,6 +217,7 @@ def predict_scene(
         precision=precision,
         tile_px=grid.tile_px,
         overlap_px=grid.overlap_px,
+        traced=predictor.traced,
     )
 
 

@@ -1,14 +1,16 @@
-"""Tests for geoseg.inference's speed switches: ``--compile``, parallel batches on the CPU, and how
-``--precision auto`` decides."""
+"""Tests for geoseg.inference's speed switches: ``--compile``, parallel batches on the CPU, the traced
+network, and how ``--precision auto`` decides."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import rasterio
 import torch
 from click.testing import CliRunner
 
@@ -16,10 +18,13 @@ import geoseg.inference as inference
 from geoseg.cli import main
 from geoseg.config import PredictConfig
 from geoseg.inference import (
+    TRACE_MIN_TILES,
     TileBatch,
     TilePredictor,
+    TracedNetwork,
     cpu_has_native_bf16,
     default_parallel_batches,
+    default_trace,
     resolve_precision,
 )
 from geoseg.pipeline import predict_scene
@@ -149,6 +154,129 @@ def test_parallel_batches_reach_the_predictor_from_the_cli(
         )
         assert result.exit_code == 0, result.output
     assert seen == [2, 3, 1]
+
+
+def test_the_traced_network_gives_the_eager_logits_whatever_the_batch_size(tiny_loaded_model) -> None:
+    cpu = torch.device("cpu")
+    eager = TilePredictor(tiny_loaded_model.module, cpu, "fp32", 64, max_batch=3)
+    traced = TilePredictor(tiny_loaded_model.module, cpu, "fp32", 64, max_batch=3, trace=True)
+    assert traced.traced and isinstance(traced.module, TracedNetwork)
+    assert not eager.traced and not isinstance(eager.module, TracedNetwork)
+    rng = np.random.default_rng(0)
+    for n in (3, 1, 2):  # traced on a batch of 3, then run on smaller ones
+        pixels = rng.normal(size=(n, 4, 64, 64)).astype(np.float32)
+        np.testing.assert_allclose(traced.predict(pixels), eager.predict(pixels), rtol=1e-5, atol=1e-5)
+    graphs = traced.module.graphs
+    assert list(graphs) == [(4, 64, 64)] and isinstance(graphs[(4, 64, 64)], torch.jit.ScriptModule)
+
+
+def test_parallel_first_batches_trace_once_per_tile_shape(
+    tiny_loaded_model, four_torch_threads, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    traced_shapes: list[tuple[int, ...]] = []
+    real_trace = torch.jit.trace
+
+    def recording_trace(module, example, *args, **kwargs):
+        traced_shapes.append(tuple(example.shape))
+        return real_trace(module, example, *args, **kwargs)
+
+    monkeypatch.setattr(torch.jit, "trace", recording_trace)
+    predictor = TilePredictor(tiny_loaded_model.module, torch.device("cpu"), "fp32", 64, max_batch=2,
+                              parallel_batches=2, trace=True)
+    rng = np.random.default_rng(1)
+    batches = [TileBatch(rng.normal(size=(2, 4, 64, 64)).astype(np.float32), [i], [], []) for i in range(6)]
+    assert [batch.tiles for batch, _ in predictor.stream(iter(batches))] == [[i] for i in range(6)]
+    assert traced_shapes == [(2, 4, 64, 64)], "two threads' first batches, one trace"
+    predictor.predict(rng.normal(size=(1, 4, 48, 48)).astype(np.float32))  # a scene smaller than a tile
+    assert traced_shapes == [(2, 4, 64, 64), (1, 4, 48, 48)]
+    assert set(predictor.module.graphs) == {(4, 64, 64), (4, 48, 48)}
+
+
+class UntraceableConv(torch.nn.Module):
+    """A 1x1 convolution that refuses to be traced, as some architectures do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(4, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_tracing():
+            raise RuntimeError("data-dependent control flow")
+        return self.conv(x)
+
+
+def test_a_network_that_cannot_be_traced_runs_eager(caplog: pytest.LogCaptureFixture) -> None:
+    module = UntraceableConv()
+    predictor = TilePredictor(module, torch.device("cpu"), "fp32", 32, max_batch=2, trace=True)
+    pixels = np.random.default_rng(2).normal(size=(2, 4, 32, 32)).astype(np.float32)
+    with caplog.at_level(logging.INFO, logger="geoseg.inference"):
+        logits = predictor.predict(pixels)
+        predictor.predict(pixels)
+    with torch.inference_mode():
+        np.testing.assert_allclose(logits, module.conv(torch.from_numpy(pixels)).numpy(), rtol=1e-6)
+    assert predictor.module.graphs == {(4, 32, 32): None}
+    said = [r.getMessage() for r in caplog.records if "cannot be traced" in r.getMessage()]
+    assert said == [
+        "the network cannot be traced (RuntimeError: data-dependent control flow); running it eager"
+    ]
+
+
+def test_tracing_applies_only_to_the_cpu_in_fp32(tiny_loaded_model, compile_calls) -> None:
+    cpu = torch.device("cpu")
+
+    def traced(module: torch.nn.Module | None = None, precision: str = "fp32", **options) -> bool:
+        module = module or tiny_loaded_model.module
+        return TilePredictor(module, cpu, precision, 64, max_batch=1, trace=True, **options).traced
+
+    assert traced()
+    assert not traced(precision="bf16")
+    assert not traced(compile=True)
+    onnx_like = UntraceableConv()
+    onnx_like.fixed_precision = "fp32"  # an ONNX runtime session: not a torch graph
+    assert not traced(onnx_like)
+
+
+@pytest.mark.parametrize(
+    ("parallel", "tiles", "expected"),
+    [(4, TRACE_MIN_TILES, True), (8, 10_000, True), (4, TRACE_MIN_TILES - 1, False), (2, 10_000, False),
+     (1, 10_000, False)],
+)
+def test_by_default_only_many_network_threads_on_a_big_scene_trace(
+    parallel: int, tiles: int, expected: bool, tiny_loaded_model, four_torch_threads
+) -> None:
+    assert default_trace(parallel, tiles) is expected
+    predictor = TilePredictor(tiny_loaded_model.module, torch.device("cpu"), "fp32", 64, max_batch=1,
+                              parallel_batches=parallel, trace=None, tiles=tiles)
+    assert predictor.traced is expected
+
+
+def test_trace_reaches_the_predictor_from_the_cli_and_keeps_the_class_map(
+    tmp_path: Path, make_scene, tiny_model_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[bool] = []
+    original = TilePredictor.__init__
+
+    def record(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        seen.append(self.traced)
+
+    monkeypatch.setattr(TilePredictor, "__init__", record)
+    scene = make_scene(width=150, height=130)
+    maps = []
+    for flags in ([], ["--trace"], ["--no-trace"]):
+        out = tmp_path / f"out{len(maps)}.tif"
+        result = CliRunner().invoke(
+            main,
+            ["predict", str(scene), str(out), "--model", str(tiny_model_file), "-q", "--device", "cpu", *flags],
+        )
+        assert result.exit_code == 0, result.output
+        with rasterio.open(out) as written:
+            maps.append(written.read(1))
+    assert seen == [False, True, False]  # by default: a scene of a few tiles is not traced
+    np.testing.assert_array_equal(maps[1], maps[0])
+    np.testing.assert_array_equal(maps[2], maps[0])
+    assert len(np.unique(maps[0])) > 1, "a class map worth comparing"
 
 
 @pytest.mark.slow
