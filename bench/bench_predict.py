@@ -9,7 +9,8 @@ Prints figures; asserts nothing. Run from the repository root:
 (a) model only: the network on random tiles already in memory (no reading, blending, writing),
     converted to unique megapixels per second with the scene's own tile grid (each tile counts
     for height * width / tiles pixels, so overlap is taken out); at its fastest, one batch on
-    every torch thread or (on the CPU) several batches at once as ``geoseg predict`` runs them;
+    every torch thread or (on the CPU) several batches at once as ``geoseg predict`` runs them,
+    and on the CPU in fp32 each of those eager and traced (TorchScript, as ``--trace`` runs it);
 (b) end to end: ``geoseg predict`` in a subprocess on a real scene (mosaics of the shared Zion
     Landsat 8 scene, built by bench/scenes.py), wall clock including start-up (import, model
     load), so use a big scene (default 8192 px) for the ratio.
@@ -30,6 +31,7 @@ compared with (b) under the same allocator (docs/performance.md).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import statistics
@@ -47,6 +49,7 @@ from scenes import OUT, build_mosaic, parse_size  # noqa: E402
 from geoseg._malloc import reuse_freed_memory, tcmalloc_environment  # noqa: E402
 from geoseg.config import PredictConfig  # noqa: E402
 from geoseg.inference import (  # noqa: E402
+    TracedNetwork,
     default_parallel_batches,
     resolve_device,
     resolve_precision,
@@ -106,10 +109,17 @@ def model_only_tiles_per_s(
 def best_model_only(
     model, tile: int, batch: int, device, precision: str, seconds: float, parallel: int
 ) -> float:
-    """The model alone at its fastest: one batch on every thread, or ``parallel`` batches at once."""
-    best = model_only_tiles_per_s(model, tile, batch, device, precision, seconds)
-    if parallel > 1:
-        best = max(best, model_only_tiles_per_s(model, tile, batch, device, precision, seconds, parallel))
+    """The model alone at its fastest: one batch on every thread, or ``parallel`` batches at once;
+    on the CPU in fp32, each eager and traced (geoseg.inference.TracedNetwork)."""
+    networks = [model]
+    if device.type == "cpu" and precision == "fp32":
+        networks.append(dataclasses.replace(model, module=TracedNetwork(model.module)))
+    best = 0.0
+    for network in networks:
+        best = max(best, model_only_tiles_per_s(network, tile, batch, device, precision, seconds))
+        if parallel > 1:
+            at_once = model_only_tiles_per_s(network, tile, batch, device, precision, seconds, parallel)
+            best = max(best, at_once)
     return best
 
 

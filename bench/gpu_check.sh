@@ -10,6 +10,10 @@
 #   5. with CPU_PARALLEL (e.g. "1 2 4"): bench_predict on that machine's CPU, fp32 batch 4, with each
 #      number of parallel batches (how the CPU path scales past this project's 2 cores); with
 #      CPU_SPIN also once more at that GOMP_SPINCOUNT (both the model alone and the command).
+#   6. with "threads" in STEPS (not run by default): bench/bench_threads.py on that machine's CPU,
+#      8192² mosaic: where each thread's time goes at each of THREAD_SETTINGS (default "default"),
+#      with the network alone beside each; then with the nearly free network at TINY_SETTINGS;
+#      with TCMALLOC (a path to libtcmalloc_minimal.so.4) the default setting once more under it.
 # QUICK=1 leaves out the one-reader run and the profile (for a short lease); STEPS picks steps by
 # name (default "tests fp32 bf16 one-reader precision profile cpu").
 # bench/bench_read.py gives the reader's ceiling with 1..N threads (CPU only).
@@ -79,5 +83,19 @@ p=${CPU_PARALLEL%% *}
 section "bench_predict cpu fp32 batch 4, $p parallel batches, GOMP_SPINCOUNT=$CPU_SPIN"
 GOMP_SPINCOUNT=$CPU_SPIN timeout 200 python3 bench/bench_predict.py --device cpu --precision fp32 --batch-size 4 \
     --repeat 1 --seconds 4 --rss '' --parallel-batches "$p" 2>&1 | tee "$OUT/cpu_p${p}_spin.log"
+fi
+fi
+
+if step threads; then
+section "bench_threads cpu, 8192² mosaic: ${THREAD_SETTINGS:-default}"
+timeout 300 python3 bench/bench_threads.py --scene-px 8192 --settings "${THREAD_SETTINGS:-default}" \
+    --model-only 4 2>&1 | tee "$OUT/threads.log"
+section "bench_threads cpu --tiny: ${TINY_SETTINGS:-default}"
+timeout 120 python3 bench/bench_threads.py --scene-px 8192 --tiny --settings "${TINY_SETTINGS:-default}" \
+    2>&1 | tee "$OUT/threads_tiny.log"
+if [ -n "${TCMALLOC:-}" ]; then
+section "bench_threads cpu under $TCMALLOC"
+LD_PRELOAD=$TCMALLOC timeout 120 python3 bench/bench_threads.py --scene-px 8192 --settings default \
+    2>&1 | tee "$OUT/threads_tcmalloc.log"
 fi
 fi
