@@ -21,7 +21,7 @@ import click
 
 from ._malloc import missing_tcmalloc_warning, reuse_freed_memory, tcmalloc_environment
 from ._version import __version__
-from .errors import GeosegError
+from .errors import ConfigError, GeosegError
 from .outputs import ProbabilityDtype
 
 log = logging.getLogger("geoseg")
@@ -174,7 +174,23 @@ def _predict_config(config_file: str | None, flags: dict[str, Any]) -> Any:
     file_settings = load_config_file(config_file) if config_file else {}
     if flags.get("bands") is not None:
         flags["bands"] = parse_band_list(flags["bands"])
-    return build_config(file_settings, **flags)
+    try:
+        return build_config(file_settings, **flags)
+    except ConfigError as err:
+        if config_file and not _valid_alone(file_settings):
+            raise ConfigError(f"{config_file}: {err}") from err  # the file's own value is wrong
+        raise
+
+
+def _valid_alone(settings: dict[str, Any]) -> bool:
+    """Whether config-file settings make a valid PredictConfig without any flag."""
+    from .config import build_config
+
+    try:
+        build_config(settings)
+    except ConfigError:
+        return False
+    return True
 
 
 _OUTPUT_FIELDS = ("probabilities", "probabilities_dtype", "confidence", "stats", "aoi",

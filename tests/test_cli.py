@@ -405,6 +405,29 @@ def test_unknown_yaml_key_fails_loudly(
     assert not dst.exists()
 
 
+@pytest.mark.parametrize(
+    ("text", "fragment"), [("tile: 8\n", "tile must be"), ("trace: 3\n", "trace must be")]
+)
+def test_a_bad_value_in_a_config_file_names_the_file(
+    runner: CliRunner, tmp_path: Path, scene: Path, model_file: Path, text: str, fragment: str
+) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text(text)
+    dst = tmp_path / "out.tif"
+    assert_user_error(predict(runner, scene, dst, model_file, "--config", config), str(config), fragment)
+    assert not dst.exists()
+
+
+def test_a_bad_flag_beside_a_good_config_file_does_not_blame_the_file(
+    runner: CliRunner, tmp_path: Path, scene: Path, model_file: Path
+) -> None:
+    config = tmp_path / "good.yaml"
+    config.write_text("batch_size: 2\n")
+    result = predict(runner, scene, tmp_path / "out.tif", model_file, "--config", config, "--tile", "8")
+    message = assert_user_error(result, "tile must be")
+    assert str(config) not in message
+
+
 # --- bad input: one line, exit 1, no output ---------------------------------------------------------------
 
 
