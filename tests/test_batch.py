@@ -110,7 +110,7 @@ def test_output_names_from_template() -> None:
 def test_settings_hash_ignores_speed_only_fields() -> None:
     base = PredictConfig(tile=64)
     assert settings_hash(base) == settings_hash(
-        base.replace(threads=3, batch_size=16, model="other.safetensors")
+        base.replace(threads=3, batch_size=16, model="other.safetensors", trace=True, parallel_batches=4)
     )
     assert settings_hash(base) != settings_hash(base.replace(tile=128))
     assert settings_hash(base) != settings_hash(base, resample="bilinear")
