@@ -135,17 +135,24 @@ def test_default_parallel_batches_give_each_about_four_threads(
     assert default_parallel_batches() == expected
 
 
-def test_parallel_batches_reach_the_predictor_from_the_cli(
-    tmp_path: Path, make_scene, tiny_model_file: Path, monkeypatch: pytest.MonkeyPatch, four_torch_threads
-) -> None:
-    seen: list[int] = []
+@pytest.fixture
+def predictors_made(monkeypatch: pytest.MonkeyPatch) -> list[TilePredictor]:
+    """Every TilePredictor made during the test, in order (to see what the CLI asked for)."""
+    made: list[TilePredictor] = []
     original = TilePredictor.__init__
 
     def record(self, *args, **kwargs):
         original(self, *args, **kwargs)
-        seen.append(self.parallel_batches)
+        made.append(self)
 
     monkeypatch.setattr(TilePredictor, "__init__", record)
+    return made
+
+
+def test_parallel_batches_reach_the_predictor_from_the_cli(
+    tmp_path: Path, make_scene, tiny_model_file: Path, predictors_made: list[TilePredictor],
+    four_torch_threads,
+) -> None:
     scene = make_scene()
     for flags in ([], ["--parallel-batches", "3"], ["--parallel-batches", "1"]):
         result = CliRunner().invoke(
@@ -153,7 +160,7 @@ def test_parallel_batches_reach_the_predictor_from_the_cli(
                    "--overwrite", "--device", "cpu", *flags]
         )
         assert result.exit_code == 0, result.output
-    assert seen == [2, 3, 1]
+    assert [predictor.parallel_batches for predictor in predictors_made] == [2, 3, 1]
 
 
 def test_the_traced_network_gives_the_eager_logits_whatever_the_batch_size(tiny_loaded_model) -> None:
@@ -252,16 +259,8 @@ def test_by_default_only_many_network_threads_on_a_big_scene_trace(
 
 
 def test_trace_reaches_the_predictor_from_the_cli_and_keeps_the_class_map(
-    tmp_path: Path, make_scene, tiny_model_file: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, make_scene, tiny_model_file: Path, predictors_made: list[TilePredictor]
 ) -> None:
-    seen: list[bool] = []
-    original = TilePredictor.__init__
-
-    def record(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        seen.append(self.traced)
-
-    monkeypatch.setattr(TilePredictor, "__init__", record)
     scene = make_scene(width=150, height=130)
     maps = []
     for flags in ([], ["--trace"], ["--no-trace"]):
@@ -273,7 +272,8 @@ def test_trace_reaches_the_predictor_from_the_cli_and_keeps_the_class_map(
         assert result.exit_code == 0, result.output
         with rasterio.open(out) as written:
             maps.append(written.read(1))
-    assert seen == [False, True, False]  # by default: a scene of a few tiles is not traced
+    # by default: a scene of a few tiles is not traced
+    assert [predictor.traced for predictor in predictors_made] == [False, True, False]
     np.testing.assert_array_equal(maps[1], maps[0])
     np.testing.assert_array_equal(maps[2], maps[0])
     assert len(np.unique(maps[0])) > 1, "a class map worth comparing"
