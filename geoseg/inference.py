@@ -176,6 +176,11 @@ class TracedNetwork(torch.nn.Module):
                 graph = self.graphs[shape]
         return self.module(x) if graph is None else graph(x)
 
+    @property
+    def active(self) -> bool:
+        """Whether every tile shape seen so far (at least one) ran through a traced graph."""
+        return bool(self.graphs) and all(graph is not None for graph in self.graphs.values())
+
     def _trace(self, x: torch.Tensor) -> Any:
         example = torch.zeros(x.shape, dtype=x.dtype, device=x.device)
         try:

@@ -95,7 +95,7 @@ class PredictResult:
     precision: str
     tile_px: int
     overlap_px: int
-    traced: bool = False  # the network ran as a traced TorchScript graph
+    traced: bool = False  # the network ran as a traced TorchScript graph (not eager after a failed trace)
 
     @property
     def megapixels_per_second(self) -> float:
@@ -181,7 +181,8 @@ def predict_scene(
             parallel_batches=config.parallel_batches, trace=config.trace, tiles=len(grid),
         )
         if predictor.traced:
-            log.info("network: traced (TorchScript), %d batches at once", predictor.parallel_batches)
+            log.info("network: traced (TorchScript) on its first batch; %d batches at once",
+                     predictor.parallel_batches)
         precision = predictor.precision  # an ONNX model runs in fp32 whatever was asked
         tags = {
             "GEOSEG_VERSION": __version__,
@@ -217,7 +218,7 @@ def predict_scene(
         precision=precision,
         tile_px=grid.tile_px,
         overlap_px=grid.overlap_px,
-        traced=predictor.traced,
+        traced=predictor.traced and predictor.module.active,
     )
 
 

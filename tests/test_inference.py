@@ -3,6 +3,7 @@ network, and how ``--precision auto`` decides."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -175,6 +176,7 @@ def test_the_traced_network_gives_the_eager_logits_whatever_the_batch_size(tiny_
         np.testing.assert_allclose(traced.predict(pixels), eager.predict(pixels), rtol=1e-5, atol=1e-5)
     graphs = traced.module.graphs
     assert list(graphs) == [(4, 64, 64)] and isinstance(graphs[(4, 64, 64)], torch.jit.ScriptModule)
+    assert traced.module.active
 
 
 def test_parallel_first_batches_trace_once_per_tile_shape(
@@ -222,11 +224,23 @@ def test_a_network_that_cannot_be_traced_runs_eager(caplog: pytest.LogCaptureFix
         predictor.predict(pixels)
     with torch.inference_mode():
         np.testing.assert_allclose(logits, module.conv(torch.from_numpy(pixels)).numpy(), rtol=1e-6)
-    assert predictor.module.graphs == {(4, 32, 32): None}
+    assert predictor.module.graphs == {(4, 32, 32): None} and not predictor.module.active
     said = [r.getMessage() for r in caplog.records if "cannot be traced" in r.getMessage()]
     assert said == [
         "the network cannot be traced (RuntimeError: data-dependent control flow); running it eager"
     ]
+
+
+def test_the_result_says_whether_the_network_ran_traced(
+    tmp_path: Path, make_scene, tiny_loaded_model
+) -> None:
+    scene = make_scene(width=100, height=90)
+    config = PredictConfig(device="cpu", trace=True)
+    assert predict_scene(scene, tmp_path / "a.tif", config, model=tiny_loaded_model).traced
+    untraceable = dataclasses.replace(tiny_loaded_model, module=UntraceableConv())
+    assert not predict_scene(scene, tmp_path / "b.tif", config, model=untraceable).traced  # ran eager
+    eager = config.replace(trace=False)
+    assert not predict_scene(scene, tmp_path / "c.tif", eager, model=tiny_loaded_model).traced
 
 
 def test_tracing_applies_only_to_the_cpu_in_fp32(tiny_loaded_model, compile_calls) -> None:
