@@ -106,14 +106,19 @@ def model_only_tiles_per_s(
     return sum(done) * batch / elapsed
 
 
-def best_model_only(
-    model, tile: int, batch: int, device, precision: str, seconds: float, parallel: int
-) -> float:
-    """The model alone at its fastest: one batch on every thread, or ``parallel`` batches at once;
-    on the CPU in fp32, each eager and traced (geoseg.inference.TracedNetwork)."""
-    networks = [model]
+def network_variants(model, device, precision: str) -> list:
+    """The ways ``geoseg predict`` may run the network: eager, and on the CPU in fp32 also traced
+    (geoseg.inference.TracedNetwork, traced once on its first batch and kept for every round)."""
     if device.type == "cpu" and precision == "fp32":
-        networks.append(dataclasses.replace(model, module=TracedNetwork(model.module)))
+        return [model, dataclasses.replace(model, module=TracedNetwork(model.module))]
+    return [model]
+
+
+def best_model_only(
+    networks: list, tile: int, batch: int, device, precision: str, seconds: float, parallel: int
+) -> float:
+    """The model alone at its fastest over ``networks`` (:func:`network_variants`): one batch on
+    every thread, or ``parallel`` batches at once."""
     best = 0.0
     for network in networks:
         best = max(best, model_only_tiles_per_s(network, tile, batch, device, precision, seconds))
@@ -187,9 +192,10 @@ def main() -> None:
     sizes = [s for s in args.rss.split(",") if s]
     scene_mp = checked.width * checked.height / 1e6
     ratios, model_figures, e2e_figures = [], [], []
+    networks = network_variants(model, device, precision)
     peaks: dict[str, list[float]] = {size: [] for size in sizes}
     for run in range(1, args.repeat + 1):
-        network = (model, grid.tile_px, config.batch_size, device, precision, args.seconds, parallel)
+        network = (networks, grid.tile_px, config.batch_size, device, precision, args.seconds, parallel)
         before = best_model_only(*network)
         wall, peak = run_predict(scene, model_path, extra)
         after = best_model_only(*network)

@@ -299,6 +299,11 @@ class TilePredictor:
             self.module = TracedNetwork(self.module)
 
     @property
+    def ran_traced(self) -> bool:
+        """Whether the network ran through traced graphs (not eager after a failed trace)."""
+        return isinstance(self.module, TracedNetwork) and self.module.active
+
+    @property
     def batches_in_flight(self) -> int:
         """Batches whose pixels :meth:`stream` may still be reading (readers must not reuse them)."""
         return 1 if self.parallel_batches == 1 else self.parallel_batches + 1

@@ -218,7 +218,7 @@ def predict_scene(
         precision=precision,
         tile_px=grid.tile_px,
         overlap_px=grid.overlap_px,
-        traced=predictor.traced and predictor.module.active,
+        traced=predictor.ran_traced,
     )
 
 
