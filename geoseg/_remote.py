@@ -55,6 +55,26 @@ def is_remote(path: str) -> bool:
     return any(vsi in path for vsi in NETWORK_VSI) or any(p in path for p in URI_PREFIXES)
 
 
+#: Do not list a remote file's folder on open: each listing costs requests, and a remote scene's
+#: sidecar files are not looked for. Local files keep GDAL's default, which finds them.
+NO_LISTING = {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR"}
+
+
+@contextmanager
+def listing_off_if_remote(path: str) -> Iterator[None]:
+    """Around one open of ``path``: :data:`NO_LISTING` where it is remote (unless the environment says)."""
+    import os
+
+    import rasterio
+
+    options = {k: v for k, v in NO_LISTING.items() if k not in os.environ} if is_remote(path) else {}
+    if not options:
+        yield
+        return
+    with rasterio.Env(**options):
+        yield
+
+
 def display_name(src: str) -> str:
     """``src`` as shown in messages and tags.
 

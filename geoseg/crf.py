@@ -251,22 +251,13 @@ def scene_stretch(
     At most about ``sample_px`` pixels per band are read (GDAL picks an overview where there is
     one), never the whole scene; nodata pixels are left out.
     """
-    from .io import _as_pixel_value, _open
+    from .io import _open, valid_pixels
 
     factor = max(1.0, math.sqrt(scene.width * scene.height / sample_px))
     shape = (max(1, round(scene.height / factor)), max(1, round(scene.width / factor)))
     with _open(scene.path) as src:
         raw = src.read(scene.band_indexes, out_shape=(len(scene.band_indexes), *shape))
-        if scene.mask_mode == "dataset":
-            valid = src.read_masks(scene.band_indexes[0], out_shape=shape) > 0
-        elif scene.mask_mode == "alpha":
-            valid = src.read(scene.alpha_band, out_shape=shape) > 0
-        elif scene.mask_mode == "nodata" and scene.nodata is not None and not np.isnan(scene.nodata):
-            valid = ~np.all(raw == _as_pixel_value(scene.nodata, raw.dtype), axis=0)
-        else:
-            valid = np.ones(shape, bool)
-    if raw.dtype.kind == "f":
-        valid &= ~np.any(np.isnan(raw), axis=0)
+        valid = valid_pixels(scene, src, raw, out_shape=shape)
     if not valid.any():
         bands = len(scene.band_indexes)
         return np.zeros(bands), np.ones(bands)

@@ -55,6 +55,12 @@ class Scene:
     alpha_band: int | None = None  # the band labelled alpha, read as the mask in "alpha" mode
     name: str | None = None  # the source as the user named it, when ``path`` is not that (VRT text)
     block_shape: tuple[int, int] = (256, 256)  # (rows, cols) of the first model band's blocks
+    # Ground control points (and their CRS) of a scene georeferenced by them, and rational polynomial
+    # coefficients: copied to the raster outputs. Such a scene has no CRS or transform of its own, so
+    # areas, polygons and footprints are in pixel units, as for a scene with no georeferencing.
+    gcps: tuple[Any, ...] = ()
+    gcp_crs: Any = None
+    rpcs: Any = None
 
     @property
     def label(self) -> str:
@@ -116,9 +122,15 @@ def open_scene(
             raise InputError(f"{name}: unsupported data type {', '.join(sorted(dtypes))} (need integer or float bands)")
         band_indexes, band_source = _choose_bands(name, src, metadata, bands)
         mask_mode, file_nodata = _mask_mode(src, band_indexes)
-        if nodata is not None:
-            mask_mode, file_nodata = "nodata", float(nodata)
-        if src.crs is None:
+        if nodata is not None:  # replaces the file's nodata value; a mask or alpha band still counts
+            file_nodata = float(nodata)
+            mask_mode = "nodata" if mask_mode == "none" else mask_mode
+        gcps, gcp_crs = src.gcps
+        if src.crs is None and (gcps or src.rpcs is not None):
+            what = f"{len(gcps)} ground control points" if gcps else "rational polynomial coefficients (RPCs)"
+            log.info("%s: georeferenced by %s, not a transform; the rasters written carry them, but "
+                     "areas and polygons are in pixel units", name, what)
+        elif src.crs is None:
             warnings.warn(
                 f"{name}: no CRS; predicting in pixel space and writing the output without a CRS",
                 GeoreferenceWarning,
@@ -141,6 +153,9 @@ def open_scene(
             alpha_band=_alpha_band(src) if mask_mode == "alpha" else None,
             name=name,
             block_shape=tuple(src.block_shapes[band_indexes[0] - 1]),
+            gcps=tuple(gcps),
+            gcp_crs=gcp_crs if gcps else None,
+            rpcs=src.rpcs,
         )
 
 
@@ -148,6 +163,7 @@ def _choose_bands(
     path: str, src: rasterio.io.DatasetReader, metadata: ModelMetadata, bands: Sequence[int] | None
 ) -> tuple[tuple[int, ...], str]:
     names = metadata.band_names
+    alphas = {i for i, interp in enumerate(src.colorinterp, start=1) if interp == ColorInterp.alpha}
     if bands is not None:
         bands = tuple(bands)
         if len(bands) != len(names):
@@ -155,25 +171,88 @@ def _choose_bands(
         out_of_range = [b for b in bands if not 1 <= b <= src.count]
         if out_of_range:
             raise InputError(f"{path}: band {out_of_range[0]} is out of range (the file has {src.count} bands)")
+        for band, name in zip(bands, names, strict=True):
+            if band in alphas:
+                log.warning("%s: band %d, given for %s, is an alpha band (a mask, not data)",
+                            path, band, name)
         return bands, "--bands"
-    descriptions = [(d or "").strip().lower() for d in src.descriptions]
-    if all(n.lower() in descriptions for n in names):
-        chosen = tuple(descriptions.index(n.lower()) + 1 for n in names)
-        return chosen, "band descriptions"
+    described = _described_bands(src.descriptions, names, alphas)
+    if described is not None:
+        return described, "band descriptions"
     defaults = tuple(b.source_band for b in metadata.bands)
-    if src.count < max(defaults):
+    data_bands = src.count - len(alphas)
+    if src.count < max(defaults) or alphas & set(defaults):
+        has = f"{src.count} band(s)"
+        hint = ""
+        if alphas:
+            listed = ", ".join(map(str, sorted(alphas)))
+            has = f"{data_bands} data band(s) and an alpha band (band {listed}, a mask)"
+            hint = f" (if band {listed} holds data, name it there)"
         raise InputError(
-            f"{path}: the file has {src.count} band(s) but the model needs {len(names)} "
-            f"({', '.join(names)} from bands {', '.join(map(str, defaults))}); pick them with --bands"
+            f"{path}: the file has {has} but the model needs {len(names)} "
+            f"({', '.join(names)} from bands {', '.join(map(str, defaults))}); pick them with --bands{hint}"
+        )
+    named = {b: n for b, n in _bands_naming(src.descriptions, names).items() if b not in alphas}
+    if any(band not in defaults or names[defaults.index(band)] != name for band, name in named.items()):
+        log.warning(
+            "%s: the band descriptions (%s) do not match the model's bands (%s) one for one; using its "
+            "default bands %s: pass --bands to choose",
+            path, ", ".join(repr(d or "") for d in src.descriptions), ", ".join(names),
+            ",".join(map(str, defaults)),
         )
     return defaults, "model defaults"
 
 
+def _described_bands(
+    descriptions: Sequence[str | None], names: Sequence[str], skip: set[int]
+) -> tuple[int, ...] | None:
+    """The bands whose descriptions name the model's bands, in model order (``None``: not each once).
+
+    A description names a band when it is the name (``nir``, ``NIR``), or starts with it as a word
+    (``red (OLI B4)``, ``Red band``; not ``Red Edge 1``); ``nir`` also answers to ``near infrared``.
+    Where a name is a whole description, that band wins over ones that only start with it.
+    """
+    chosen = []
+    for name in names:
+        exact = [b for b, d in enumerate(descriptions, 1) if b not in skip and _norm(d) == name.lower()]
+        loose = [b for b, d in enumerate(descriptions, 1) if b not in skip and _names_band(d, name)]
+        candidates = exact or loose
+        if len(candidates) != 1:
+            return None
+        chosen.append(candidates[0])
+    return tuple(chosen) if len(set(chosen)) == len(chosen) else None
+
+
+def _bands_naming(descriptions: Sequence[str | None], names: Sequence[str]) -> dict[int, str]:
+    """Band number -> the model band name its description names (see :func:`_described_bands`)."""
+    return {b: n for b, d in enumerate(descriptions, 1) for n in names if _names_band(d, n)}
+
+
+_NAME_SYNONYMS = {"nir": ("near infrared", "near-infrared")}
+
+
+def _norm(description: str | None) -> str:
+    return " ".join((description or "").lower().split())
+
+
+def _names_band(description: str | None, name: str) -> bool:
+    text, name = _norm(description), name.lower()
+    for word in (name, *_NAME_SYNONYMS.get(name, ())):
+        rest = text[len(word):] if text.startswith(word) else None
+        if rest is None or (rest and rest[0].isalnum()):
+            continue  # does not start with the word
+        if not rest.lstrip(" -_").startswith("edge"):  # "red edge" is another band
+            return True
+    return False
+
+
 def _mask_mode(src: rasterio.io.DatasetReader, band_indexes: Sequence[int]) -> tuple[str, float | None]:
     flags = [src.mask_flag_enums[i - 1] for i in band_indexes]
-    if any(MaskFlags.per_dataset in f or MaskFlags.alpha in f for f in flags):
+    alpha = _alpha_band(src)
+    alpha_is_data = alpha in band_indexes  # --bands named it: it holds data, not a mask
+    if any(MaskFlags.per_dataset in f and not (MaskFlags.alpha in f and alpha_is_data) for f in flags):
         return "dataset", None
-    if _alpha_band(src) not in (None, *band_indexes):
+    if alpha not in (None, *band_indexes):
         return "alpha", None  # e.g. R, G, B, NIR + alpha, which GDAL's own mask ignores
     nodatavals = [src.nodatavals[i - 1] for i in band_indexes]
     if any(v is not None for v in nodatavals):
@@ -192,8 +271,8 @@ class SceneReader:
 
     Tiles come back normalised for the model (float32), padded by reflection when the scene
     is smaller than a tile, with invalid pixels set to 0 (the normalised mean) and a validity
-    mask. Validity follows rasterio's dataset mask: a pixel is nodata when every selected band
-    equals the nodata value (or is NaN), or where the internal mask or alpha band says so.
+    mask (:func:`valid_pixels`): a pixel is nodata where the internal mask or alpha band says so,
+    where every selected band equals the nodata value, or where any band is NaN.
     """
 
     def __init__(self, scene: Scene, multiplier: Sequence[float], bias: Sequence[float]):
@@ -266,18 +345,29 @@ class SceneReader:
         return pixels, valid, h, w
 
     def _valid_mask(self, raw: npt.NDArray[Any], window: Window) -> npt.NDArray[np.bool_]:
-        scene = self.scene
-        if scene.mask_mode == "dataset":
-            valid = self._src.read_masks(scene.band_indexes[0], window=window) > 0
-        elif scene.mask_mode == "alpha":
-            valid = self._src.read(scene.alpha_band, window=window) > 0
-        elif scene.mask_mode == "nodata" and scene.nodata is not None and not np.isnan(scene.nodata):
-            valid = ~np.all(raw == _as_pixel_value(scene.nodata, raw.dtype), axis=0)
-        else:
-            valid = np.ones(raw.shape[1:], bool)
-        if raw.dtype.kind == "f":
-            valid &= ~np.any(np.isnan(raw), axis=0)
-        return valid
+        return valid_pixels(self.scene, self._src, raw, window=window)
+
+
+def valid_pixels(
+    scene: Scene, src: rasterio.io.DatasetReader, raw: npt.NDArray[Any], **read: Any
+) -> npt.NDArray[np.bool_]:
+    """Which pixels of ``raw`` are valid.
+
+    ``raw`` holds the scene's bands read from ``src`` with ``read`` (a ``window`` or an
+    ``out_shape``). Valid: where the internal mask or alpha band says so, not where every band
+    equals the nodata value, and not where any band is NaN (the network cannot take a NaN).
+    """
+    if scene.mask_mode == "dataset":
+        valid = src.read_masks(scene.band_indexes[0], **read) > 0
+    elif scene.mask_mode == "alpha":
+        valid = src.read(scene.alpha_band, **read) > 0
+    else:
+        valid = np.ones(raw.shape[1:], bool)
+    if scene.nodata is not None and not np.isnan(scene.nodata):
+        valid &= ~np.all(raw == _as_pixel_value(scene.nodata, raw.dtype), axis=0)
+    if raw.dtype.kind == "f":
+        valid &= ~np.any(np.isnan(raw), axis=0)
+    return valid
 
 
 def _as_pixel_value(value: float, dtype: np.dtype[Any]) -> Any:
@@ -466,8 +556,19 @@ class TiledRasterWriter:
 
 
 def scene_profile(scene: Scene) -> dict[str, Any]:
-    """The grid of a scene as a rasterio profile (size, CRS, transform) for an output."""
-    return {"width": scene.width, "height": scene.height, "crs": scene.crs, "transform": scene.transform}
+    """The grid of a scene as a rasterio profile for an output.
+
+    Size, CRS and transform, or the scene's ground control points (with their CRS) in place of a
+    transform, and its RPCs.
+    """
+    profile: dict[str, Any] = {"width": scene.width, "height": scene.height, "crs": scene.crs}
+    if scene.gcps:
+        profile |= {"gcps": list(scene.gcps), "crs": scene.gcp_crs}
+    elif scene.crs is not None or scene.transform != Affine.identity():
+        profile["transform"] = scene.transform  # not for a scene without one: GDAL writes none
+    if scene.rpcs is not None:
+        profile["rpcs"] = scene.rpcs
+    return profile
 
 
 class LabelWriter(TiledRasterWriter):

@@ -28,6 +28,7 @@ import rasterio.env
 
 from ._machine import physical_memory_bytes, usable_cores
 from ._malloc import loaded_allocator
+from ._remote import NO_LISTING, is_remote
 from ._version import __version__
 from .aoi import AreaOfInterest, aoi_label, load_aoi
 from .blend import FinishedRows, TileBlender
@@ -154,8 +155,10 @@ def predict_scene(
         raise ConfigError(f"output_nodata {config.output_nodata} is also a class id of the model; choose another value")
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
-    with rasterio.Env(**gdal_options()):
+    with rasterio.Env(**gdal_options(remote=_names_remote(src))):
         source = resolve_source(src, model.metadata, resample=resample, assets=assets)
+        if any(is_remote(path) for path in source.files):  # a local STAC Item's remote assets
+            rasterio.env.setenv(**gdal_options(remote=True))
         scene = open_scene(source.path, model.metadata, config.bands, config.nodata, name=source.name)
         for path in source.files:
             dst_path = check_destination(path, dst, overwrite)
@@ -257,19 +260,30 @@ def reader_threads(config: PredictConfig, device: torch.device) -> int:
     return max(1, min(8, usable_cores() // 2))
 
 
-def gdal_options() -> dict[str, Any]:
+def gdal_options(remote: bool = False) -> dict[str, Any]:
     """GDAL settings applied once around a prediction (config options are process-wide).
 
-    No directory listing on open (a remote listing costs a request per open, and sidecar files
-    are not needed); the block cache capped at ``GDAL_CACHE_MB`` (GDAL's default, 5 % of RAM,
-    would grow with the scene; :func:`predict_scene` raises it for large blocks and strips); for
-    remote files, retries with back-off, timeouts, merged range requests and a larger cache of fetched
-    bytes (``REMOTE_GDAL_OPTIONS``). A setting already in the environment wins.
+    The block cache capped at ``GDAL_CACHE_MB`` (GDAL's default, 5 % of RAM, would grow with the
+    scene; :func:`predict_scene` raises it for large blocks and strips); for remote files, retries
+    with back-off, timeouts, merged range requests and a larger cache of fetched bytes
+    (``REMOTE_GDAL_OPTIONS``). A setting already in the environment wins.
+
+    With ``remote``, no directory listing on open (``GDAL_DISABLE_READDIR_ON_OPEN=EMPTY_DIR``):
+    listing a remote folder costs a request per open. Local reads keep GDAL's default, so that
+    sidecar files are found as GDAL and QGIS find them: nodata and band metadata in ``.aux.xml``,
+    an external ``.msk`` mask, a world file, an ENVI ``.hdr``.
     """
     # NOTE: rasterio hands an integer GDAL_CACHEMAX to GDALSetCacheMax64, which takes bytes, not MB.
-    defaults = {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR", "GDAL_CACHEMAX": GDAL_CACHE_MB << 20}
-    defaults |= REMOTE_GDAL_OPTIONS
+    defaults: dict[str, Any] = {"GDAL_CACHEMAX": GDAL_CACHE_MB << 20} | REMOTE_GDAL_OPTIONS
+    if remote:
+        defaults |= NO_LISTING
     return {key: value for key, value in defaults.items() if key not in os.environ}
+
+
+def _names_remote(src: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> bool:
+    """Whether SRC as given (a path, a comma-separated list, a sequence) names a remote file."""
+    parts = [src] if isinstance(src, (str, os.PathLike)) else list(src)
+    return any(is_remote(os.fspath(part)) for part in parts)
 
 
 def block_cache_bytes(

@@ -31,7 +31,7 @@ from xml.sax.saxutils import escape
 import rasterio
 from rasterio.errors import RasterioError, RasterioIOError
 
-from ._remote import display_name, gdal_path, is_remote
+from ._remote import display_name, gdal_path, is_remote, listing_off_if_remote
 from .errors import ConfigError, InputError
 from .modelfile import LoadedModel, ModelMetadata, Normalization
 
@@ -309,7 +309,7 @@ def _read_header(src: str, label: str) -> _BandFile:
     if "://" not in path and not path.startswith("/vsi") and not Path(path).exists():
         raise InputError(f"{label}: file not found")
     try:
-        with rasterio.open(path) as ds:
+        with listing_off_if_remote(path), rasterio.open(path) as ds:
             return _BandFile(
                 src=src,
                 label=label,

@@ -44,6 +44,7 @@ from rasterio.windows import Window
 
 from ._version import __version__
 from .errors import CheckpointError, ConfigError, InputError, OutputError
+from .io import open_scene, valid_pixels
 from .labels import (
     IGNORE,
     BoundRegion,
@@ -402,15 +403,7 @@ class _ImageData:
         """Raw pixels ``(C, h, w)`` float32 of the model's bands and their validity ``(h, w)``."""
         scene = self.scene
         raw = self.src.read(scene.band_indexes, window=window)
-        if scene.mask_mode == "dataset":
-            valid = self.src.read_masks(scene.band_indexes[0], window=window) > 0
-        elif scene.mask_mode == "nodata" and scene.nodata is not None and not np.isnan(scene.nodata):
-            valid = ~np.all(raw == np.asarray(scene.nodata).astype(raw.dtype), axis=0)
-        else:
-            valid = np.ones(raw.shape[1:], bool)
-        if raw.dtype.kind == "f":
-            valid &= ~np.any(np.isnan(raw), axis=0)
-        return raw.astype(np.float32), valid
+        return raw.astype(np.float32), valid_pixels(scene, self.src, raw, window=window)
 
     def close(self) -> None:
         self.labels.close()
@@ -469,6 +462,7 @@ def train_model(
     """
     import torch
 
+    from ._remote import is_remote
     from .inference import resolve_device
     from .pipeline import gdal_options
 
@@ -491,7 +485,7 @@ def train_model(
         torch.set_num_threads(config.threads)
     class_map = ClassMap(*load_classes(config.classes))
 
-    with rasterio.Env(**gdal_options()):
+    with rasterio.Env(**gdal_options(remote=any(map(is_remote, (*config.images, *config.labels))))):
         base_meta, init_state = _initial_model(config, class_map)
         data = _scan(config, class_map, base_meta)
         try:
@@ -611,8 +605,6 @@ def _initial_model(config: TrainConfig, class_map: ClassMap) -> tuple[ModelMetad
 
 def _scan(config: TrainConfig, class_map: ClassMap, meta: ModelMetadata) -> _Dataset:
     """Open every input, check it, and gather statistics and anchors from the training regions."""
-    from .io import open_scene
-
     rng = np.random.default_rng([config.seed, 1])
     k = class_map.num_classes
     images: list[_ImageData] = []

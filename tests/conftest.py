@@ -166,7 +166,7 @@ def make_scene(tmp_path: Path) -> Callable[..., Path]:
     - ``alpha``: ``(height, width)`` bool validity written as an extra, last alpha band (needs
       ``count >= 3``: the first three bands are labelled red, green, blue);
     - ``descriptions``: band descriptions (``None`` entries are left unset);
-    - ``crs=None`` writes no CRS.
+    - ``crs=None`` writes no CRS, ``transform=None`` no geotransform.
     """
 
     def make(
@@ -177,7 +177,7 @@ def make_scene(tmp_path: Path) -> Callable[..., Path]:
         count: int = 4,
         dtype: str = "uint16",
         crs: Any = DEFAULT_CRS,
-        transform: Affine = DEFAULT_TRANSFORM,
+        transform: Affine | None = DEFAULT_TRANSFORM,
         nodata: float | None = None,
         data: np.ndarray | None = None,
         seed: int = 0,
@@ -208,9 +208,12 @@ def make_scene(tmp_path: Path) -> Callable[..., Path]:
             "count": count + (alpha is not None),
             "dtype": dtype,
             "crs": crs,
-            "transform": transform,
             "nodata": nodata,
         }
+        if transform is not None:  # None: no geotransform at all (GCPs, RPCs or a world file may follow)
+            profile["transform"] = transform
+        if alpha is None:
+            profile["photometric"] = "MINISBLACK"  # else GTiff labels a 4th byte band alpha, as for RGBA
         if tiled:
             profile |= {"tiled": True, "blockxsize": blocksize or 64, "blockysize": blocksize or 64}
         if compress:

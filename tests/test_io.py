@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 import xml.etree.ElementTree as ET
@@ -67,12 +68,85 @@ def test_explicit_bands_win_over_descriptions(make_scene, tiny_metadata) -> None
     assert open_scene(path, tiny_metadata(), bands=(1, 2, 3, 4)).band_indexes == (1, 2, 3, 4)
 
 
-def test_partial_descriptions_fall_back_to_the_model_defaults(make_scene, tiny_metadata) -> None:
+def test_partial_descriptions_fall_back_to_the_model_defaults_with_a_warning(
+    make_scene, tiny_metadata, caplog: pytest.LogCaptureFixture
+) -> None:
     path = make_scene(count=8, descriptions=["red", "green", "blue", None, None, None, None, "something"])
     meta = tiny_metadata(source_bands=(4, 3, 2, 8))
-    scene = open_scene(path, meta)
+    with caplog.at_level(logging.WARNING, logger="geoseg"):
+        scene = open_scene(path, meta)
     assert scene.band_indexes == (4, 3, 2, 8)
     assert scene.band_source == "model defaults"
+    # the descriptions put red in band 1, the model's defaults in band 4: the user must hear of it
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and str(path) in warned[0] and "--bands" in warned[0]
+
+
+def test_descriptions_that_agree_with_the_defaults_do_not_warn(
+    make_scene, tiny_metadata, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = make_scene(count=5, descriptions=["red", "green", None, None, "cloud"])
+    with caplog.at_level(logging.WARNING, logger="geoseg"):
+        assert open_scene(path, tiny_metadata()).band_indexes == (1, 2, 3, 4)
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+@pytest.mark.parametrize(
+    ("descriptions", "expected"),
+    [
+        # the bundled sample's style, reordered
+        (["blue (OLI B2)", "green (OLI B3)", "red (OLI B4)", "nir (OLI B5)"], (3, 2, 1, 4)),
+        (["Near Infrared", "Red band", "Green", "Blue"], (2, 3, 4, 1)),
+        # a red-edge band is not red; an exact name wins over one that only starts with it
+        (["Red Edge 1", "Blue", "Green", "NIR", "Red"], (5, 3, 2, 4)),
+        (["Red Edge 1", "blue", "green", "nir", "red (B4)"], (5, 3, 2, 4)),
+    ],
+)
+def test_descriptions_name_bands_as_words(make_scene, tiny_metadata, descriptions, expected) -> None:
+    path = make_scene(count=len(descriptions), descriptions=descriptions)
+    scene = open_scene(path, tiny_metadata())
+    assert (scene.band_indexes, scene.band_source) == (expected, "band descriptions")
+
+
+def test_descriptions_naming_a_band_twice_are_not_used(make_scene, tiny_metadata, caplog) -> None:
+    path = make_scene(count=5, descriptions=["red (B4)", "red (B4, again)", "green", "blue", "nir"])
+    with caplog.at_level(logging.WARNING, logger="geoseg"):
+        scene = open_scene(path, tiny_metadata())
+    assert scene.band_source == "model defaults"
+    assert any("--bands" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+
+
+def test_an_alpha_band_is_never_a_default_data_band(make_scene, tiny_metadata, tmp_path: Path) -> None:
+    # R, G, B + alpha, and a 4-band byte file as GDAL writes it by default: band 4 is labelled alpha
+    rgba = make_scene(count=3, dtype="uint8", alpha=np.ones((80, 96), bool))
+    default = tmp_path / "default.tif"
+    profile = {"driver": "GTiff", "width": 20, "height": 10, "count": 4, "dtype": "uint8",
+               "crs": "EPSG:32618", "transform": Affine(10, 0, 500000, 0, -10, 4200000)}
+    with rasterio.open(default, "w", **profile) as ds:
+        ds.write(np.full((4, 10, 20), 7, np.uint8))
+    for path in (rgba, default):
+        with pytest.raises(InputError, match=r"3 data band\(s\) and an alpha band \(band 4, a mask\)") as err:
+            open_scene(path, tiny_metadata())
+        assert str(path) in str(err.value) and "--bands" in str(err.value)
+
+
+def test_an_alpha_band_named_in_bands_is_data_with_a_warning(
+    make_scene, tiny_metadata, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "rgbn.tif"  # near-infrared in band 4, labelled alpha by GDAL's default
+    profile = {"driver": "GTiff", "width": 20, "height": 10, "count": 4, "dtype": "uint8",
+               "crs": "EPSG:32618", "transform": Affine(10, 0, 500000, 0, -10, 4200000)}
+    data = np.full((4, 10, 20), 7, np.uint8)
+    data[3, :, :5] = 0  # dark water in the near infrared: data, not a mask
+    with rasterio.open(path, "w", **profile) as ds:
+        ds.write(data)
+    meta = tiny_metadata()
+    with caplog.at_level(logging.WARNING, logger="geoseg"):
+        scene = open_scene(path, meta, bands=(1, 2, 3, 4))
+    assert any("band 4, given for nir, is an alpha band" in r.getMessage() for r in caplog.records)
+    with reader_for(scene, meta) as reader:
+        _, valid, _, _ = reader.read_tile(0, 0, 20)
+    assert valid[:10, :20].all()
 
 
 def test_too_few_bands_is_refused_naming_the_file(make_scene, tiny_metadata) -> None:

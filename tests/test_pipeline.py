@@ -16,6 +16,9 @@ import torch
 from affine import Affine
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from rasterio.control import GroundControlPoint
+from rasterio.errors import NotGeoreferencedWarning
+from rasterio.rpc import RPC
 
 import geoseg
 import geoseg.io
@@ -334,6 +337,72 @@ def test_rotated_transform_with_crs_is_copied_without_warning(
         assert out.transform == rotated
 
 
+def test_ground_control_points_are_carried_to_the_output(
+    tmp_path: Path, make_scene, tiny_loaded_model
+) -> None:
+    # Level-1 imagery and scanned maps: no geotransform, a CRS on the control points.
+    src = make_scene(width=60, height=50, crs=None, transform=None)
+    gcps = [GroundControlPoint(row, col, 500000.0 + 10 * col, 4200000.0 - 10 * row) for row, col in
+            ((0, 0), (0, 60), (50, 0), (50, 60))]
+    with rasterio.open(src, "r+") as ds:
+        ds.gcps = (gcps, rasterio.crs.CRS.from_epsg(32618))
+    dst = tmp_path / "out.tif"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GeoreferenceWarning)  # the scene has a CRS: its control points'
+        warnings.simplefilter("error", NotGeoreferencedWarning)  # rasterio's noise, which users cannot act on
+        run(src, dst, tiny_loaded_model, cog=True)
+    with rasterio.open(dst) as out:
+        out_gcps, out_crs = out.gcps
+        assert out_crs == rasterio.crs.CRS.from_epsg(32618)
+        assert [(g.row, g.col, g.x, g.y) for g in out_gcps] == [(g.row, g.col, g.x, g.y) for g in gcps]
+        assert (out.read(1) != 255).all()
+
+
+def test_rpcs_are_carried_to_the_output(tmp_path: Path, make_scene, tiny_loaded_model) -> None:
+    rpcs = RPC(height_off=1500.0, height_scale=500.0, lat_off=37.2, lat_scale=0.05, long_off=-113.0,
+               long_scale=0.06, line_off=25.0, line_scale=25.0, samp_off=30.0, samp_scale=30.0,
+               line_num_coeff=[0.0, -0.01, -1.0] + [0.0] * 17, line_den_coeff=[1.0] + [0.0] * 19,
+               samp_num_coeff=[0.0, 1.0, 0.01] + [0.0] * 17, samp_den_coeff=[1.0] + [0.0] * 19)
+    src = make_scene(width=60, height=50, crs=None, transform=None)
+    with rasterio.open(src, "r+") as ds:
+        ds.rpcs = rpcs
+    dst = tmp_path / "out.tif"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NotGeoreferencedWarning)
+        run(src, dst, tiny_loaded_model)
+    with rasterio.open(dst) as out:
+        assert out.rpcs is not None
+        written = out.rpcs.to_dict()
+        for key, value in rpcs.to_dict().items():
+            if value is not None:  # the error terms are optional
+                np.testing.assert_allclose(written[key], value, rtol=1e-9, err_msg=key)
+
+
+def test_sidecar_files_of_a_local_scene_are_read(tmp_path: Path, make_scene, tiny_loaded_model) -> None:
+    # GDAL and QGIS read a scene's .aux.xml (PAM), external .msk mask and world file; so must geoseg.
+    invalid = border_mask(70, 80, seed=6)
+    data = np.random.default_rng(1).integers(1, 10000, (4, 70, 80)).astype(np.uint16)
+    data[:, invalid] = 0
+    pam = make_scene("pam.tif", data=data)  # nodata 0 only in pam.tif.aux.xml
+    band = '<PAMRasterBand band="{}"><NoDataValue>0</NoDataValue></PAMRasterBand>'
+    bands = "".join(band.format(b) for b in range(1, 5))
+    Path(f"{pam}.aux.xml").write_text(f"<PAMDataset>{bands}</PAMDataset>")
+    msk = make_scene("msk.tif", data=np.where(invalid, 7, data).astype(np.uint16))
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=False), rasterio.open(msk, "r+") as ds:
+        ds.write_mask(np.where(invalid, 0, 255).astype(np.uint8))  # msk.tif.msk
+    assert Path(f"{msk}.msk").exists()
+    tfw = make_scene("tfw.tif", width=30, height=20, crs=None, transform=None)
+    Path(tmp_path / "tfw.tfw").write_text("10\n0\n0\n-10\n500005\n4199995\n")  # pixel centres
+    for name in ("pam", "msk"):
+        run(tmp_path / f"{name}.tif", tmp_path / f"{name}_out.tif", tiny_loaded_model)
+        with rasterio.open(tmp_path / f"{name}_out.tif") as out:
+            np.testing.assert_array_equal(out.read(1) == 255, invalid, err_msg=name)
+    with pytest.warns(GeoreferenceWarning, match="no CRS"):  # a world file gives a transform only
+        run(tfw, tmp_path / "tfw_out.tif", tiny_loaded_model)
+    with rasterio.open(tmp_path / "tfw_out.tif") as out:
+        assert out.transform == Affine(10.0, 0.0, 500000.0, 0.0, -10.0, 4200000.0)
+
+
 # --- nodata ---------------------------------------------------------------------------------------
 
 
@@ -363,6 +432,18 @@ def test_nodata_override_fixes_a_wrong_file_value(tmp_path: Path, make_scene, ti
     run(src, right, tiny_loaded_model, nodata=0)
     assert (check_output(wrong, src, class_ids={1, 2, 3}) != 255).all()
     np.testing.assert_array_equal(check_output(right, src, class_ids={1, 2, 3}) == 255, invalid)
+
+
+def test_nodata_override_keeps_the_internal_mask(tmp_path: Path, make_scene, tiny_loaded_model) -> None:
+    masked = border_mask(80, 90, seed=5)
+    zeros = np.zeros((80, 90), bool)
+    zeros[60:, 40:] = True
+    data = np.random.default_rng(0).integers(1, 10000, (4, 80, 90)).astype(np.uint16)
+    data[:, zeros] = 0
+    src = make_scene(data=data, mask=~masked)
+    dst = tmp_path / "out.tif"
+    run(src, dst, tiny_loaded_model, nodata=0)  # "to be safe": must not unmask the masked pixels
+    np.testing.assert_array_equal(check_output(dst, src, class_ids={1, 2, 3}) == 255, masked | zeros)
 
 
 def test_all_nodata_scene_gives_a_valid_all_nodata_output(

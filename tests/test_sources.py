@@ -289,8 +289,10 @@ def test_source_lists_and_stac_detection(tmp_path: Path) -> None:
 def test_gdal_options_for_remote_reads(monkeypatch: pytest.MonkeyPatch) -> None:
     for key in ("GDAL_CACHEMAX", "GDAL_HTTP_MAX_RETRY"):
         monkeypatch.delenv(key, raising=False)
-    options = gdal_options()
+    options = gdal_options(remote=True)
     assert options["GDAL_DISABLE_READDIR_ON_OPEN"] == "EMPTY_DIR"
+    # local reads list the folder, as GDAL does, so that sidecar files are found
+    assert "GDAL_DISABLE_READDIR_ON_OPEN" not in gdal_options()
     # rasterio passes an integer to GDALSetCacheMax64, in bytes: 128 would be 128 bytes
     assert options["GDAL_CACHEMAX"] == GDAL_CACHE_MB << 20
     assert options["GDAL_HTTP_MAX_RETRY"] >= 3 and options["GDAL_HTTP_RETRY_DELAY"] > 0
@@ -652,7 +654,7 @@ def test_stac_scale_and_offset_replace_a_scale_models_own(
     predict(server.url("item.json"), tmp_path / "stac.tif", model)
     assert_same_output(tmp_path / "expected.tif", tmp_path / "stac.tif")
     # NOTE: outside geoseg's Env, GDAL lists the folder and deadlocks the in-process server
-    with rasterio.Env(**gdal_options()):
+    with rasterio.Env(**gdal_options(remote=True)):
         resolved = resolve_source(server.url("item.json"), model.metadata)
         stack = rasterio.open(resolved.path)
     with stack:
