@@ -132,19 +132,21 @@ def _predict_options(f: Callable[..., Any]) -> Callable[..., Any]:
                      help="Model file (default: the bundled model)."),
         click.option("--config", "config_file", type=click.Path(dir_okay=False),
                      help="YAML preset of predict settings."),
-        click.option("--tile", type=int, help="Tile edge in pixels [model's suggestion]."),
-        click.option("--overlap", type=int, help="Pixels shared by neighbouring tiles [model's suggestion]."),
-        click.option("--batch-size", type=int, help="Tiles per forward pass [4]."),
-        click.option("--bands", help="1-based raster bands feeding the model, in its order, e.g. 4,3,2,8."),
+        click.option("--tile", type=click.IntRange(min=32), help="Tile edge in pixels [model's suggestion]."),
+        click.option("--overlap", type=click.IntRange(min=0),
+                     help="Pixels shared by neighbouring tiles [model's suggestion]."),
+        click.option("--batch-size", type=click.IntRange(min=1), help="Tiles per forward pass [4]."),
+        click.option("--bands", callback=_band_list,
+                     help="1-based raster bands feeding the model, in its order, e.g. 4,3,2,8."),
         click.option("--nodata", type=float, help="Input value to treat as nodata (overrides the file's)."),
         click.option("--device", help="auto, cpu, cuda or cuda:N [auto]."),
         click.option("--precision", type=click.Choice(PRECISIONS), help="Compute precision [auto]."),
         click.option("--compress", type=click.Choice(COMPRESSIONS), help="Output compression [deflate]."),
-        click.option("--threads", type=int, help="CPU threads for the network [all cores]."),
-        click.option("--parallel-batches", type=int,
+        click.option("--threads", type=click.IntRange(min=1), help="CPU threads for the network [all cores]."),
+        click.option("--parallel-batches", type=click.IntRange(min=1),
                      help="CPU: batches run at once, each on threads / N torch threads "
                           "[threads / 4, at least 2 and at most 8]."),
-        click.option("--reader-threads", type=int,
+        click.option("--reader-threads", type=click.IntRange(min=1),
                      help="Threads reading tiles, each with its own dataset handle [1 on CPU, up to 8 with a GPU]."),
         click.option("--compile", "compile", is_flag=True, default=None,
                      help="torch.compile the network (the first batch compiles, ~1 min for B0 on a CPU) "
@@ -156,7 +158,8 @@ def _predict_options(f: Callable[..., Any]) -> Callable[..., Any]:
                      help="Write Cloud-Optimized GeoTIFFs with overviews (mode resampling for classes) [off]."),
         click.option("--crf/--no-crf", "crf", default=None,
                      help="Refine the class map with a dense CRF (settings: a crf: section in --config) [off]."),
-        click.option("--crf-workers", type=int, help="Worker processes for the CRF; implies --crf [all cores]."),
+        click.option("--crf-workers", type=click.IntRange(min=1),
+                     help="Worker processes for the CRF; implies --crf [all cores]."),
         click.option("--resample", type=click.Choice(RESAMPLINGS),
                      help="Resample band files coarser than the finest one onto its grid [refuse them]."),
         click.option("--assets", help="STAC Item assets: red=B04,green=B03,... or keys in model band order "
@@ -172,7 +175,7 @@ def _predict_config(config_file: str | None, flags: dict[str, Any]) -> Any:
     from .config import build_config, load_config_file, parse_band_list
 
     file_settings = load_config_file(config_file) if config_file else {}
-    if flags.get("bands") is not None:
+    if isinstance(flags.get("bands"), str):  # parsed by _band_list when it came from the command line
         flags["bands"] = parse_band_list(flags["bands"])
     try:
         return build_config(file_settings, **flags)
@@ -180,6 +183,16 @@ def _predict_config(config_file: str | None, flags: dict[str, Any]) -> Any:
         if config_file and not _valid_alone(file_settings):
             raise ConfigError(f"{config_file}: {err}") from err  # the file's own value is wrong
         raise
+
+
+def _band_list(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
+    """``--bands 4,3,2,8`` parsed; a malformed list is a usage error (exit 2), like click's own checks."""
+    from .config import parse_band_list
+
+    try:
+        return None if value is None else parse_band_list(value)
+    except ConfigError as err:
+        raise click.BadParameter(str(err)) from None
 
 
 def _valid_alone(settings: dict[str, Any]) -> bool:

@@ -8,6 +8,7 @@ mean "take it from the model file", which is how the model's layer slots in.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -82,40 +83,41 @@ class PredictConfig:
     cog: bool = False
 
     def __post_init__(self) -> None:
-        if self.tile is not None and (not isinstance(self.tile, int) or self.tile < 32):
+        if self.model is not None and not isinstance(self.model, (str, os.PathLike)):
+            raise ConfigError(f"model must be a path to a model file, got {self.model!r}")
+        if self.tile is not None and (not _is_int(self.tile) or self.tile < 32):
             raise ConfigError(f"tile must be an integer of at least 32 pixels, got {self.tile!r}")
-        if self.overlap is not None and (not isinstance(self.overlap, int) or self.overlap < 0):
+        if self.overlap is not None and (not _is_int(self.overlap) or self.overlap < 0):
             raise ConfigError(f"overlap must be a non-negative integer, got {self.overlap!r}")
         if self.tile is not None and self.overlap is not None and self.overlap * 2 >= self.tile:
             raise ConfigError(
                 f"overlap {self.overlap} must be less than half the tile {self.tile} "
                 "(otherwise a pixel is covered by more than two tiles per axis and the stride is tiny)"
             )
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+        if not _is_int(self.batch_size) or self.batch_size < 1:
             raise ConfigError(f"batch_size must be a positive integer, got {self.batch_size!r}")
         if self.bands is not None:
-            if len(self.bands) == 0 or any(not isinstance(b, int) or b < 1 for b in self.bands):
+            if len(self.bands) == 0 or any(not _is_int(b) or b < 1 for b in self.bands):
                 raise ConfigError(f"bands must be 1-based band numbers, got {self.bands!r}")
         if not isinstance(self.device, str) or not _DEVICE_RE.match(self.device):
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.precision not in get_args(Precision):
             raise ConfigError(f"precision must be one of {', '.join(get_args(Precision))}, got {self.precision!r}")
-        if not 0 < self.taper_floor <= 1:
+        if self.nodata is not None and not _is_number(self.nodata):
+            raise ConfigError(f"nodata must be a number (or .nan in YAML), got {self.nodata!r}")
+        if not _is_number(self.taper_floor) or not 0 < self.taper_floor <= 1:
             raise ConfigError(f"taper_floor must be in (0, 1], got {self.taper_floor!r}")
-        if not isinstance(self.output_nodata, int) or not 0 <= self.output_nodata <= 65535:
+        if not _is_int(self.output_nodata) or not 0 <= self.output_nodata <= 65535:
             raise ConfigError(f"output_nodata must be an integer in 0..65535, got {self.output_nodata!r}")
         if self.compress not in get_args(Compression):
             raise ConfigError(f"compress must be one of {', '.join(get_args(Compression))}, got {self.compress!r}")
-        if not isinstance(self.prefetch_batches, int) or self.prefetch_batches < 1:
+        if not _is_int(self.prefetch_batches) or self.prefetch_batches < 1:
             raise ConfigError(f"prefetch_batches must be a positive integer, got {self.prefetch_batches!r}")
-        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+        if self.threads is not None and (not _is_int(self.threads) or self.threads < 1):
             raise ConfigError(f"threads must be a positive integer, got {self.threads!r}")
-        if self.parallel_batches is not None and (
-            isinstance(self.parallel_batches, bool) or not isinstance(self.parallel_batches, int)
-            or self.parallel_batches < 1
-        ):
+        if self.parallel_batches is not None and (not _is_int(self.parallel_batches) or self.parallel_batches < 1):
             raise ConfigError(f"parallel_batches must be a positive integer, got {self.parallel_batches!r}")
-        if self.reader_threads is not None and (not isinstance(self.reader_threads, int) or self.reader_threads < 1):
+        if self.reader_threads is not None and (not _is_int(self.reader_threads) or self.reader_threads < 1):
             raise ConfigError(f"reader_threads must be a positive integer, got {self.reader_threads!r}")
         if not isinstance(self.compile, bool):
             raise ConfigError(f"compile must be true or false, got {self.compile!r}")
@@ -129,6 +131,14 @@ class PredictConfig:
     def replace(self, **changes: Any) -> PredictConfig:
         """Return a copy with ``changes`` applied (and validated)."""
         return dataclasses.replace(self, **changes)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # YAML's true is not 1 tile
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def config_keys() -> list[str]:
@@ -161,7 +171,10 @@ def config_from_mapping(values: Mapping[str, Any], source: str = "config") -> di
             raise ConfigError(f"{source}: unknown key {raw_key!r}; known keys: {', '.join(sorted(known))}")
         if key == "bands" and value is not None:
             if isinstance(value, str):
-                value = parse_band_list(value)
+                try:
+                    value = parse_band_list(value)
+                except ConfigError as err:
+                    raise ConfigError(f"{source}: {err}") from err
             elif isinstance(value, (list, tuple)):
                 value = tuple(value)
             else:
@@ -188,7 +201,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})") from err
+        raise ConfigError(f"{path}: not valid YAML ({yaml_problem(err)})") from err
     if data is None:
         return {}
     if not isinstance(data, Mapping):
@@ -198,6 +211,13 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     if isinstance(model, str) and not Path(model).is_absolute():
         settings["model"] = str(path.parent / model)  # relative to the config file, not the working folder
     return settings
+
+
+def yaml_problem(err: Exception) -> str:
+    """A YAML error on one line: where and what (PyYAML's own text spans several lines)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or " ".join(str(err).split())
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark is not None else problem
 
 
 def build_config(file_settings: Mapping[str, Any] | None = None, **cli_settings: Any) -> PredictConfig:

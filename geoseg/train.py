@@ -296,13 +296,15 @@ def load_train_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     """
     import yaml
 
+    from .config import yaml_problem
+
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text())
     except OSError as err:
         raise ConfigError(f"{path}: cannot read config file ({err.strerror or err})") from err
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})") from err
+        raise ConfigError(f"{path}: not valid YAML ({yaml_problem(err)})") from err
     if data is None:
         return {}
     if not isinstance(data, Mapping):

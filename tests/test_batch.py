@@ -204,7 +204,7 @@ def test_cli_batch_refuses_a_locked_out_dir(
     [
         (["--template", "{date}.tif"], "output template '{date}.tif': 'date'; it may use {stem}"),
         (["--template", "../{stem}.tif"], "must name a file inside the out dir"),
-        (["--tile", "16"], "tile must be an integer of at least 32 pixels"),
+        (["--tile", "64", "--overlap", "32"], "must be less than half the tile 64"),
     ],
 )
 def test_cli_batch_bad_settings_are_one_line(

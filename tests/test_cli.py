@@ -406,7 +406,18 @@ def test_unknown_yaml_key_fails_loudly(
 
 
 @pytest.mark.parametrize(
-    ("text", "fragment"), [("tile: 8\n", "tile must be"), ("trace: 3\n", "trace must be")]
+    ("text", "fragment"),
+    [
+        ("tile: 8\n", "tile must be"),
+        ("trace: 3\n", "trace must be"),
+        # each of these was a Python traceback or a multi-line message
+        ("nodata: abc\n", "nodata must be a number"),
+        ("nodata: [0]\n", "nodata must be a number"),
+        ("threads: true\n", "threads must be a positive integer"),
+        ("taper_floor: abc\n", "taper_floor must be"),
+        ('bands: "0,1,2,3"\n', "1-based band numbers"),
+        ("tile: [1\n", "not valid YAML (line 2, column 1: expected ',' or ']'"),
+    ],
 )
 def test_a_bad_value_in_a_config_file_names_the_file(
     runner: CliRunner, tmp_path: Path, scene: Path, model_file: Path, text: str, fragment: str
@@ -424,7 +435,7 @@ def test_a_bad_flag_beside_a_good_config_file_does_not_blame_the_file(
     config = tmp_path / "good.yaml"
     config.write_text("batch_size: 2\n")
     result = predict(runner, scene, tmp_path / "out.tif", model_file, "--config", config, "--tile", "8")
-    message = assert_user_error(result, "tile must be")
+    message = assert_user_error(result, "'--tile'", code=2)
     assert str(config) not in message
 
 
@@ -480,26 +491,29 @@ def test_unreadable_input_scene(runner: CliRunner, tmp_path: Path, scene: Path, 
 
 
 @pytest.mark.parametrize(
-    ("args", "fragments"),
+    ("args", "fragments", "code"),
     [
-        (["--bands", "1,2,3,9"], ["band 9 is out of range", "4 bands"]),
-        (["--bands", "1,2"], ["lists 2 bands", "needs 4"]),
-        (["--bands", "red,nir"], ["1-based band numbers"]),
-        (["--tile", "0"], ["tile must be"]),
-        (["--tile", "-64"], ["tile must be"]),
-        (["--tile", "64", "--overlap", "32"], ["less than half the tile"]),
-        (["--overlap", "40"], ["less than half the tile"]),  # the model's tile is 64
-        (["--overlap", "-1"], ["overlap must be a non-negative integer"]),
-        (["--batch-size", "0"], ["batch_size"]),
-        (["--precision", "fp16"], ["fp16 is for CUDA"]),
-        (["--device", "tpu"], ["device must be"]),
+        (["--bands", "1,2,3,9"], ["band 9 is out of range", "4 bands"], 1),
+        (["--bands", "1,2"], ["lists 2 bands", "needs 4"], 1),
+        (["--tile", "64", "--overlap", "32"], ["less than half the tile"], 1),
+        (["--overlap", "40"], ["less than half the tile"], 1),  # the model's tile is 64
+        (["--precision", "fp16"], ["fp16 is for CUDA"], 1),
+        (["--device", "tpu"], ["device must be"], 1),
+        # malformed values are usage errors, as click's own type checks are
+        (["--bands", "red,nir"], ["'--bands'", "1-based band numbers"], 2),
+        (["--bands", "0,1,2,3"], ["'--bands'", "1-based band numbers"], 2),
+        (["--tile", "0"], ["'--tile'"], 2),
+        (["--tile", "-64"], ["'--tile'"], 2),
+        (["--overlap", "-1"], ["'--overlap'"], 2),
+        (["--batch-size", "0"], ["'--batch-size'"], 2),
     ],
 )
 def test_settings_that_make_no_sense(
-    runner: CliRunner, tmp_path: Path, scene: Path, model_file: Path, args: list[str], fragments: list[str]
+    runner: CliRunner, tmp_path: Path, scene: Path, model_file: Path, args: list[str], fragments: list[str],
+    code: int,
 ) -> None:
     dst = tmp_path / "out.tif"
-    assert_user_error(predict(runner, scene, dst, model_file, *args), *fragments)
+    assert_user_error(predict(runner, scene, dst, model_file, *args), *fragments, code=code)
     assert not dst.exists()
 
 

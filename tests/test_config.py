@@ -54,6 +54,15 @@ def test_defaults_are_valid_and_leave_tiles_to_the_model() -> None:
         ({"parallel_batches": 0}, "parallel_batches must be a positive integer"),
         ({"parallel_batches": True}, "parallel_batches must be a positive integer"),
         ({"parallel_batches": 1.5}, "parallel_batches must be a positive integer"),
+        # YAML gives true/false, strings and lists where a number was meant
+        ({"threads": True}, "threads must be a positive integer"),
+        ({"batch_size": True}, "batch_size must be a positive integer"),
+        ({"tile": True}, "tile must be"),
+        ({"nodata": "abc"}, "nodata must be a number"),
+        ({"nodata": [0]}, "nodata must be a number"),
+        ({"nodata": False}, "nodata must be a number"),
+        ({"taper_floor": "abc"}, "taper_floor must be"),
+        ({"model": 5}, "model must be a path"),
     ],
 )
 def test_nonsense_values_are_refused(changes: dict, message: str) -> None:
