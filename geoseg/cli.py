@@ -142,7 +142,8 @@ def _predict_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--device", help="auto, cpu, cuda or cuda:N [auto]."),
         click.option("--precision", type=click.Choice(PRECISIONS), help="Compute precision [auto]."),
         click.option("--compress", type=click.Choice(COMPRESSIONS), help="Output compression [deflate]."),
-        click.option("--threads", type=click.IntRange(min=1), help="CPU threads for the network [all cores]."),
+        click.option("--threads", type=click.IntRange(min=1),
+                     help="CPU threads for the network [all cores]."),
         click.option("--parallel-batches", type=click.IntRange(min=1),
                      help="CPU: batches run at once, each on threads / N torch threads "
                           "[threads / 4, at least 2 and at most 8]."),

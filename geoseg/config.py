@@ -115,7 +115,8 @@ class PredictConfig:
             raise ConfigError(f"prefetch_batches must be a positive integer, got {self.prefetch_batches!r}")
         if self.threads is not None and (not _is_int(self.threads) or self.threads < 1):
             raise ConfigError(f"threads must be a positive integer, got {self.threads!r}")
-        if self.parallel_batches is not None and (not _is_int(self.parallel_batches) or self.parallel_batches < 1):
+        parallel = self.parallel_batches
+        if parallel is not None and (not _is_int(parallel) or parallel < 1):
             raise ConfigError(f"parallel_batches must be a positive integer, got {self.parallel_batches!r}")
         if self.reader_threads is not None and (not _is_int(self.reader_threads) or self.reader_threads < 1):
             raise ConfigError(f"reader_threads must be a positive integer, got {self.reader_threads!r}")
