@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,7 +51,7 @@ class Scene:
     crs: Any
     transform: Affine
     band_indexes: tuple[int, ...]
-    nodata: float | None
+    nodata: float | None  # the first selected band's nodata value (see band_nodata)
     mask_mode: str  # "none", "nodata" (value per band), "dataset" (internal mask or alpha) or "alpha"
     band_source: str  # how band_indexes were chosen, for the log
     alpha_band: int | None = None  # the band labelled alpha, read as the mask in "alpha" mode
@@ -60,6 +62,9 @@ class Scene:
     # areas, polygons and footprints are in pixel units, as for a scene with no georeferencing.
     gcps: tuple[Any, ...] = ()
     gcp_crs: Any = None
+    # Per selected band, the value that marks it nodata (a band stack's files may differ); a band
+    # that declares none takes the first declared value. Empty: no nodata value.
+    band_nodata: tuple[float, ...] = ()
     rpcs: Any = None
 
     @property
@@ -122,8 +127,13 @@ def open_scene(
             raise InputError(f"{name}: unsupported data type {', '.join(sorted(dtypes))} (need integer or float bands)")
         band_indexes, band_source = _choose_bands(name, src, metadata, bands)
         mask_mode, file_nodata = _mask_mode(src, band_indexes)
+        band_nodata: tuple[float, ...] = ()
+        if file_nodata is not None:
+            declared = [src.nodatavals[i - 1] for i in band_indexes]
+            band_nodata = tuple(file_nodata if v is None else float(v) for v in declared)
         if nodata is not None:  # replaces the file's nodata value; a mask or alpha band still counts
             file_nodata = float(nodata)
+            band_nodata = (file_nodata,) * len(band_indexes)
             mask_mode = "nodata" if mask_mode == "none" else mask_mode
         gcps, gcp_crs = src.gcps
         if src.crs is None and (gcps or src.rpcs is not None):
@@ -156,6 +166,7 @@ def open_scene(
             gcps=tuple(gcps),
             gcp_crs=gcp_crs if gcps else None,
             rpcs=src.rpcs,
+            band_nodata=band_nodata,
         )
 
 
@@ -363,8 +374,13 @@ def valid_pixels(
         valid = src.read(scene.alpha_band, **read) > 0
     else:
         valid = np.ones(raw.shape[1:], bool)
-    if scene.nodata is not None and not np.isnan(scene.nodata):
-        valid &= ~np.all(raw == _as_pixel_value(scene.nodata, raw.dtype), axis=0)
+    values = [v for v in scene.band_nodata if not np.isnan(v)]
+    if len(values) == len(scene.band_nodata) == raw.shape[0] and values:  # NaN: the check below
+        if len(set(values)) == 1:
+            valid &= ~np.all(raw == _as_pixel_value(values[0], raw.dtype), axis=0)
+        else:  # each band against its own value
+            nodata = np.array([_as_pixel_value(v, raw.dtype) for v in values])
+            valid &= ~np.all(raw == nodata.reshape(-1, 1, 1), axis=0)
     if raw.dtype.kind == "f":
         valid &= ~np.any(np.isnan(raw), axis=0)
     return valid
@@ -490,12 +506,21 @@ class TiledRasterWriter:
             else:
                 block, mask = self._pending[0]
             window = Window(0, self._pending_row, block.shape[2], ready)
-            self._dst.write(block[:, :ready], window=window)
-            if mask is not None:
-                self._dst.write_mask(mask[:ready], window=window)
+            with self._writing():
+                self._dst.write(block[:, :ready], window=window)
+                if mask is not None:
+                    self._dst.write_mask(mask[:ready], window=window)
             left = block.shape[1] - ready
             self._pending = [(block[:, ready:], None if mask is None else mask[ready:])] if left else []
             self._pending_row += ready
+
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """GDAL's write failures as one line naming the destination and, where it is so, a full disk."""
+        try:
+            yield
+        except RasterioError as err:
+            raise OutputError(f"{self.dst}: write failed ({_write_failure(err, self.tmp.parent)})") from err
 
     def sidecar_text(self) -> str | None:
         """Text of the ``.aux.xml`` sidecar that goes with the file (``None``: no sidecar)."""
@@ -511,7 +536,8 @@ class TiledRasterWriter:
             return
         if self._next_row != self.height:
             raise AssertionError(f"only {self._next_row} of {self.height} rows were written")
-        self._dst.close()
+        with self._writing():
+            self._dst.close()
         if self.cog is None:
             self._finished = self.tmp
             return
@@ -526,7 +552,11 @@ class TiledRasterWriter:
         aux_tmp, aux_dst = Path(f"{self._finished}.aux.xml"), Path(f"{self.dst}.aux.xml")
         text = self.sidecar_text()
         if text is not None:
-            aux_tmp.write_text(text)
+            try:
+                aux_tmp.write_text(text)
+            except OSError as err:
+                aux_tmp.unlink(missing_ok=True)
+                raise OutputError(f"{self.dst}: write failed ({(err.strerror or str(err)).lower()})") from err
         # NOTE: the sidecar lands first; the raster's rename is the moment the output exists.
         if aux_tmp.exists():
             os.replace(aux_tmp, aux_dst)
@@ -636,6 +666,20 @@ def pam_xml(classes: Sequence[ClassSpec]) -> str:
         f'<GDALRasterAttributeTable tableType="thematic">{defs}{rows}</GDALRasterAttributeTable>'
         "</PAMRasterBand></PAMDataset>\n"
     )
+
+
+#: Free space below which a failed write is put down to a full disk.
+FULL_DISK_BYTES = 1 << 20
+
+
+def _write_failure(err: BaseException, folder: Path) -> str:
+    # NOTE: libtiff reports ENOSPC as "Write error at scanline N"; the folder's free space says why.
+    try:
+        if shutil.disk_usage(folder).free < FULL_DISK_BYTES:
+            return "no space left on device"
+    except OSError:
+        pass
+    return _gdal_message(err)
 
 
 def _gdal_message(err: BaseException) -> str:

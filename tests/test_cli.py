@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -656,6 +657,32 @@ def test_real_process_bad_input_is_one_line(tmp_path: Path, make_scene, model_fi
     assert all(line.startswith(("Error: ", "INFO: ", "Warning: ")) for line in lines), proc.stderr
     assert not any("GDAL signalled" in line for line in lines), "GDAL's own log lines must not reach the user"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["truncated.tif"]
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 32 KiB tmpfs, for a full disk; skipped where mounting is not allowed (not root, a container)."""
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "size=32k", "tmpfs", str(folder)]
+    mounted = subprocess.run(mount, capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=False)
+
+
+@pytest.mark.parametrize("left_kib", [4, 20])  # the class map does not fit; the map fits, its sidecar not
+def test_a_full_disk_is_one_line_naming_the_output(runner: CliRunner, tiny_disk: Path, left_kib: int) -> None:
+    sample = Path(__file__).parents[1] / "sample_data" / "zion_sample.tif"  # the bundled model's map: 17 KiB
+    filler = tiny_disk / "filler"
+    filler.write_bytes(b"x" * ((32 - left_kib) << 10))
+    dst = tiny_disk / "out.tif"
+    result = cli(runner, "predict", sample, dst, "--device", "cpu")
+    assert_user_error(result, f"{dst}: write failed (no space left on device)")
+    assert list(tiny_disk.iterdir()) == [filler]
 
 
 @pytest.fixture

@@ -446,6 +446,21 @@ def test_nodata_override_keeps_the_internal_mask(tmp_path: Path, make_scene, tin
     np.testing.assert_array_equal(check_output(dst, src, class_ids={1, 2, 3}) == 255, masked | zeros)
 
 
+def test_band_files_with_different_nodata_values(tmp_path: Path, make_scene, tiny_loaded_model) -> None:
+    # Band files from different products: nodata is where every band equals its own value.
+    invalid = border_mask(60, 70, seed=7)
+    rng = np.random.default_rng(2)
+    files = []
+    for name, nodata in (("red", 0), ("green", 0), ("blue", 0), ("nir", 65535)):
+        data = rng.integers(1, 10000, (1, 60, 70)).astype(np.uint16)
+        data[:, invalid] = nodata
+        files.append(str(make_scene(f"{name}.tif", data=data, nodata=nodata)))
+    dst = tmp_path / "out.tif"
+    run(files, dst, tiny_loaded_model)
+    with rasterio.open(dst) as out:
+        np.testing.assert_array_equal(out.read(1) == 255, invalid)
+
+
 def test_all_nodata_scene_gives_a_valid_all_nodata_output(
     tmp_path: Path, make_scene, tiny_loaded_model, count_forward
 ) -> None:
