@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 SUPPORTED_KINDS = "ui" + "f"  # unsigned, signed integers and floats; complex is refused
 TMP_MARKER = ".geoseg-tmp"
+GEOTIFF_SUFFIXES = (".tif", ".tiff", ".gtif", ".gtiff")
 
 
 @dataclass(frozen=True)
@@ -454,6 +455,9 @@ class TiledRasterWriter:
             OutputError: The temporary file cannot be created.
         """
         self.dst = Path(dst)
+        # The destination checks passed: a DST there now is one to replace (--overwrite); one that
+        # appears later, from another job, is not (see publish).
+        self._replaces = self.dst.exists()
         self.tmp = temporary_path(self.dst)
         self.height = int(profile["height"])
         self.masked = masked
@@ -557,12 +561,19 @@ class TiledRasterWriter:
             except OSError as err:
                 aux_tmp.unlink(missing_ok=True)
                 raise OutputError(f"{self.dst}: write failed ({(err.strerror or str(err)).lower()})") from err
-        # NOTE: the sidecar lands first; the raster's rename is the moment the output exists.
+        if not self._replaces:  # the raster first: it must not replace a file another job wrote meanwhile
+            try:
+                publish(self._finished, self.dst, replace=False)
+            except OutputError:
+                aux_tmp.unlink(missing_ok=True)
+                raise
+        # NOTE: else the sidecar lands first; the raster's rename is the moment the output exists.
         if aux_tmp.exists():
             os.replace(aux_tmp, aux_dst)
         else:
             aux_dst.unlink(missing_ok=True)  # an older file's sidecar would describe the wrong raster
-        os.replace(self._finished, self.dst)
+        if self._replaces:
+            publish(self._finished, self.dst, replace=True)
 
     def abort(self) -> None:
         """Close and remove the temporary files; the final name is never touched."""
@@ -583,6 +594,37 @@ class TiledRasterWriter:
     def __exit__(self, exc_type: object, *exc: object) -> None:
         if exc_type is not None:
             self.abort()
+
+
+def publish(tmp: Path, dst: Path, *, replace: bool) -> None:
+    """Give the finished file ``tmp`` its final name ``dst`` in one step.
+
+    With ``replace``, whatever is at ``dst`` is replaced (``os.replace``). Without, a ``dst`` that
+    exists by now (another job wrote it after the destination checks) is left alone and the
+    output is refused: a hard link claims the name only if it is free. Where the file system
+    has no hard links, ``dst`` is checked just before the rename instead.
+
+    Raises:
+        OutputError: Without ``replace``, ``dst`` exists.
+    """
+    if replace:
+        os.replace(tmp, dst)
+        return
+    try:
+        os.link(tmp, dst)
+    except FileExistsError as err:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(_APPEARED.format(dst)) from err
+    except OSError:  # no hard links here (FAT, some network shares)
+        if dst.exists():
+            tmp.unlink(missing_ok=True)
+            raise OutputError(_APPEARED.format(dst)) from None
+        os.replace(tmp, dst)
+        return
+    tmp.unlink()
+
+
+_APPEARED = "{}: appeared while this run was writing it; left as it is (use --overwrite to replace it)"
 
 
 def scene_profile(scene: Scene) -> dict[str, Any]:

@@ -35,7 +35,7 @@ from .blend import FinishedRows, TileBlender
 from .config import DEFAULT_OVERLAP_PX, DEFAULT_TILE_PX, PredictConfig
 from .errors import CheckpointError, ConfigError, NodataWarning
 from .inference import TileBatch, TilePredictor, resolve_device, resolve_precision
-from .io import LabelWriter, Scene, SceneReader, check_destination, open_scene, output_dtype
+from .io import GEOTIFF_SUFFIXES, LabelWriter, Scene, SceneReader, check_destination, open_scene, output_dtype
 from .modelfile import LoadedModel, ModelMetadata, load_model
 from .outputs import OutputOptions, check_output_destinations
 from .sources import Resampling, resolve_source
@@ -162,6 +162,8 @@ def predict_scene(
         scene = open_scene(source.path, model.metadata, config.bands, config.nodata, name=source.name)
         for path in source.files:
             dst_path = check_destination(path, dst, overwrite)
+        if dst_path.suffix.lower() not in GEOTIFF_SUFFIXES:
+            log.warning("%s: written as a GeoTIFF, whatever its extension says", dst_path)
         check_output_destinations(outputs, dst_path, source.files, overwrite)
         aoi = load_aoi(outputs.aoi, scene) if outputs.aoi is not None else None
         grid = plan_grid(scene, model.metadata, config)

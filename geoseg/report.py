@@ -170,6 +170,11 @@ def write_report(
     return dst
 
 
+def _number(value: float | None, per: float, digits: int) -> str:
+    """``value / per`` with thousands separators; a dash where there is no area (no CRS)."""
+    return "&ndash;" if value is None else f"{value / per:,.{digits}f}"
+
+
 def render_html(
     *,
     table: Sequence[ClassArea],
@@ -192,11 +197,13 @@ def render_html(
     rows = "".join(
         f"<tr><td><span class=\"swatch\" style=\"background:{escape(colours[row.id])}\"></span></td>"
         f"<td>{row.id}</td><td>{escape(row.name)}</td><td>{row.pixels:,}</td>"
-        f"<td>{row.hectares:,.2f}</td><td>{row.area_m2 / 1e6:,.4f}</td><td>{row.percent:.2f}</td></tr>"
+        f"<td>{_number(row.hectares, 1, 2)}</td><td>{_number(row.area_m2, 1e6, 4)}</td>"
+        f"<td>{row.percent:.2f}</td></tr>"
         for row in table
     )
     total_px = sum(row.pixels for row in table)
-    total_ha = sum(row.hectares for row in table)
+    hectares = [row.hectares for row in table]
+    total_ha = None if None in hectares else sum(h or 0.0 for h in hectares)
     width, height = image_px
     scene_caption = "natural colour (red, green, blue)" if natural_colour else "first model band (greyscale)"
     created = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -241,8 +248,8 @@ dd {{ margin-left: 8em; }}
 <table id="areas">
 <thead><tr><th></th><th>id</th><th>class</th><th>pixels</th><th>hectares</th><th>km&sup2;</th><th>%</th></tr></thead>
 <tbody>{rows}</tbody>
-<tfoot><tr><td></td><td></td><td>all valid pixels</td><td>{total_px:,}</td><td>{total_ha:,.2f}</td>
-<td>{total_ha / 100:,.4f}</td><td>{100.0 if total_px else 0.0:.2f}</td></tr></tfoot>
+<tfoot><tr><td></td><td></td><td>all valid pixels</td><td>{total_px:,}</td><td>{_number(total_ha, 1, 2)}</td>
+<td>{_number(total_ha, 100, 4)}</td><td>{100.0 if total_px else 0.0:.2f}</td></tr></tfoot>
 </table>
 </body>
 </html>

@@ -72,9 +72,8 @@ def build_item(
         dtype = ds.dtypes[0]
         bounds = ds.bounds
         cog = ds.tags(ns="IMAGE_STRUCTURE").get("LAYOUT", "").upper() == "COG"
-    geometry = footprint(bounds, crs)
-    lons = [x for x, _ in geometry["coordinates"][0]]
-    lats = [y for _, y in geometry["coordinates"][0]]
+    # Without a CRS nothing places the raster on the Earth: STAC's null geometry, and no bbox.
+    geometry = footprint(bounds, crs) if crs is not None else None
     now = datetime.datetime.now(datetime.timezone.utc)
     epsg = crs.to_epsg() if crs is not None else None
     media_type = "image/tiff; application=geotiff" + ("; profile=cloud-optimized" if cog else "")
@@ -107,13 +106,17 @@ def build_item(
         }
         for src in inputs
     ]
+    placed: dict[str, Any] = {"geometry": geometry}
+    if geometry is not None:
+        lons = [x for x, _ in geometry["coordinates"][0]]
+        lats = [y for _, y in geometry["coordinates"][0]]
+        placed["bbox"] = [min(lons), min(lats), max(lons), max(lats)]
     return {
         "type": "Feature",
         "stac_version": STAC_VERSION,
         "stac_extensions": [PROJECTION_SCHEMA, RASTER_SCHEMA, CLASSIFICATION_SCHEMA, PROCESSING_SCHEMA],
         "id": class_raster.stem,
-        "geometry": geometry,
-        "bbox": [min(lons), min(lats), max(lons), max(lats)],
+        **placed,
         "properties": properties,
         "links": links,
         "assets": {
@@ -134,8 +137,8 @@ def build_item(
 def footprint(bounds: Any, crs: Any) -> dict[str, Any]:
     """The raster's outline as a GeoJSON Polygon in WGS 84 (longitude, latitude), edges sampled.
 
-    Without a CRS the outline stays in the raster's own coordinates (STAC expects WGS 84;
-    there is nothing better to give).
+    Without a CRS the outline stays in the raster's own coordinates (the Item itself then has no
+    geometry: STAC's is WGS 84).
     """
     t = np.linspace(0.0, 1.0, FOOTPRINT_POINTS_PER_EDGE)[:-1]
     left, bottom, right, top = bounds.left, bounds.bottom, bounds.right, bounds.top

@@ -11,7 +11,7 @@ import csv
 import io
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -38,8 +38,8 @@ class ClassArea:
     id: int
     name: str
     pixels: int
-    area_m2: float
-    hectares: float
+    area_m2: float | None  # None for a scene without a CRS: its pixels have no known size
+    hectares: float | None
     percent: float
 
     def as_dict(self) -> dict[str, Any]:
@@ -99,16 +99,22 @@ class ClassAreaCounter:
         pass
 
     def table(self) -> list[ClassArea]:
-        """One row per model class (zero counts included), in class id order."""
-        total = self.area_m2.sum()
+        """One row per model class (zero counts included), in class id order.
+
+        Without a CRS the pixels have no known size (a transform alone may be in any unit, or
+        the identity): areas are ``None`` and percentages are shares of the valid pixels.
+        """
+        sized = self.crs is not None
+        weights = self.area_m2 if sized else self.pixels.astype(np.float64)
+        total = weights.sum()
         return [
             ClassArea(
                 id=c.id,
                 name=c.name,
                 pixels=int(self.pixels[c.id]),
-                area_m2=float(self.area_m2[c.id]),
-                hectares=float(self.area_m2[c.id] / 1e4),
-                percent=float(100 * self.area_m2[c.id] / total) if total else 0.0,
+                area_m2=float(self.area_m2[c.id]) if sized else None,
+                hectares=float(self.area_m2[c.id] / 1e4) if sized else None,
+                percent=float(100 * weights[c.id] / total) if total else 0.0,
             )
             for c in self.classes
         ]
@@ -153,10 +159,19 @@ def stats_document(table: Sequence[ClassArea], transform: Affine, crs: Any, info
         "pixel_size": [abs(transform.a), abs(transform.e)],
         "pixel_size_unit": unit,
         "valid_pixels": sum(c.pixels for c in table),
-        "area_m2": sum(c.area_m2 for c in table),
-        "hectares": sum(c.hectares for c in table),
+        "area_m2": _total(c.area_m2 for c in table),
+        "hectares": _total(c.hectares for c in table),
         "classes": [c.as_dict() for c in table],
     }
+
+
+def _total(values: Iterable[float | None]) -> float | None:
+    values = list(values)
+    return None if None in values else sum(v for v in values if v is not None)
+
+
+def _cell(value: float | None, digits: int) -> str:
+    return "" if value is None else f"{value:.{digits}f}"  # empty: no CRS, so no area
 
 
 def stats_csv(table: Sequence[ClassArea]) -> str:
@@ -165,10 +180,13 @@ def stats_csv(table: Sequence[ClassArea]) -> str:
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
     for c in table:
-        writer.writerow([c.id, c.name, c.pixels, f"{c.area_m2:.2f}", f"{c.hectares:.4f}", f"{c.percent:.4f}"])
-    total_m2 = sum(c.area_m2 for c in table)
-    total_pct = 100.0 if total_m2 else 0.0
-    writer.writerow(["", "total", sum(c.pixels for c in table), f"{total_m2:.2f}", f"{total_m2 / 1e4:.4f}", f"{total_pct:.4f}"])
+        writer.writerow([c.id, c.name, c.pixels, _cell(c.area_m2, 2), _cell(c.hectares, 4),
+                         f"{c.percent:.4f}"])
+    total_m2 = _total(c.area_m2 for c in table)
+    total_pct = 100.0 if sum(c.pixels for c in table) else 0.0
+    total_ha = None if total_m2 is None else total_m2 / 1e4
+    writer.writerow(["", "total", sum(c.pixels for c in table), _cell(total_m2, 2), _cell(total_ha, 4),
+                     f"{total_pct:.4f}"])
     return out.getvalue()
 
 

@@ -483,6 +483,34 @@ def test_writer_writes_under_a_temporary_name_then_renames(tmp_path: Path, make_
         assert cmap[255][3] == 0, "nodata is transparent"
 
 
+def test_a_destination_that_appears_during_the_run_is_left_alone(
+    tmp_path: Path, make_scene, tiny_metadata
+) -> None:
+    # Two nightly jobs writing the same DST: the later one must not replace the earlier's file.
+    scene, dst, writer = writer_for(tmp_path, make_scene, tiny_metadata, height=20, width=20)
+    with writer:
+        writer.write_rows(0, np.ones((20, 20), np.uint8))
+        dst.write_bytes(b"another job's map")
+        with pytest.raises(OutputError, match="appeared while this run was writing it"):
+            writer.commit()
+    assert dst.read_bytes() == b"another job's map"
+    assert [p.name for p in dst.parent.iterdir()] == ["labels.tif"]
+
+
+def test_a_destination_there_from_the_start_is_replaced(tmp_path: Path, make_scene, tiny_metadata) -> None:
+    # It passed the destination checks, so --overwrite was given.
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "labels.tif").write_bytes(b"old")
+    (tmp_path / "out" / "labels.tif.aux.xml").write_text("<PAMDataset/>")
+    scene, dst, writer = writer_for(tmp_path, make_scene, tiny_metadata, height=20, width=20)
+    with writer:
+        writer.write_rows(0, np.ones((20, 20), np.uint8))
+        writer.commit()
+    with rasterio.open(dst) as out:
+        assert (out.read(1) == 1).all()
+    assert "CategoryNames" in Path(f"{dst}.aux.xml").read_text()
+
+
 def test_writer_uses_uint16_for_large_class_ids(tmp_path: Path, make_scene, tiny_metadata) -> None:
     classes = (ClassSpec(7, "a", "#010203"), ClassSpec(300, "b", "#040506"))
     scene, dst, writer = writer_for(tmp_path, make_scene, tiny_metadata, height=20, width=20, classes=classes)

@@ -263,6 +263,30 @@ def test_stats_match_a_numpy_count_of_the_class_raster(
     assert temporary_files(tmp_path) == []
 
 
+def test_a_scene_without_a_crs_has_pixel_counts_but_no_areas(
+    tmp_path: Path, make_scene, tiny_loaded_model
+) -> None:
+    # Its transform may be in any unit (or the identity): no m², no hectares, shares of pixels.
+    import warnings
+
+    src = make_scene(width=60, height=40, crs=None)
+    outputs = OutputOptions(stats=tmp_path / "a.json", report=tmp_path / "report")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the missing CRS's own warning
+        predict(src, tmp_path / "classes.tif", tiny_loaded_model, outputs)
+        predict(src, tmp_path / "classes2.tif", tiny_loaded_model, OutputOptions(stats=tmp_path / "a.csv"))
+    doc = json.loads((tmp_path / "a.json").read_text())
+    assert doc["crs"] is None and doc["pixel_size_unit"] == "pixel" and doc["valid_pixels"] == 60 * 40
+    assert doc["area_m2"] is None and doc["hectares"] is None
+    assert all(r["area_m2"] is None and r["hectares"] is None for r in doc["classes"])
+    assert sum(r["percent"] for r in doc["classes"]) == pytest.approx(100)
+    with (tmp_path / "a.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert all(r["area_m2"] == "" and r["hectares"] == "" for r in rows)
+    assert float(rows[-1]["percent"]) == pytest.approx(100)
+    assert "&ndash;" in (tmp_path / "report" / "index.html").read_text()
+
+
 def test_geographic_pixel_areas_add_up_to_the_sphere() -> None:
     # A global 1-degree lat/lon raster covers the authalic sphere exactly once: 4 pi R^2.
     from geoseg.stats import AUTHALIC_RADIUS_M

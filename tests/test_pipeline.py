@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import warnings
@@ -603,6 +604,20 @@ def test_existing_destination_needs_overwrite(
     assert counts["calls"] == 0
     run(src, dst, tiny_loaded_model, overwrite=True)
     check_output(dst, src, class_ids={1, 2, 3})
+
+
+def test_a_destination_not_named_as_a_geotiff_is_warned_about(
+    tmp_path: Path, make_scene, tiny_loaded_model, caplog: pytest.LogCaptureFixture
+) -> None:
+    src = make_scene(width=40, height=40)
+    with caplog.at_level(logging.WARNING, logger="geoseg"):
+        run(src, tmp_path / "out.tif", tiny_loaded_model)
+        assert not caplog.records
+        run(src, tmp_path / "out.png", tiny_loaded_model)
+    expected = f"{tmp_path / 'out.png'}: written as a GeoTIFF, whatever its extension says"
+    assert [r.getMessage() for r in caplog.records] == [expected]
+    with rasterio.open(tmp_path / "out.png") as out:
+        assert out.driver == "GTiff"
 
 
 def test_destination_equal_to_source_is_refused(make_scene, tiny_loaded_model) -> None:

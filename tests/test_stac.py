@@ -84,6 +84,17 @@ def test_footprint_follows_the_projection(make_scene: Any, tiny_loaded_model: An
     assert (ring[:, 1] >= south).all() and (ring[:, 1] <= north).all()
 
 
+def test_a_scene_without_a_crs_has_no_geometry(
+    make_scene: Any, tiny_loaded_model: Any, tmp_path: Path
+) -> None:
+    # STAC's geometry is WGS 84: with nothing to place the raster, it is null and there is no bbox.
+    scene = make_scene(width=40, height=30, crs=None)
+    with pytest.warns(UserWarning, match="no CRS"):
+        _, item = predict_with_item(scene, tmp_path, tiny_loaded_model)
+    assert item.geometry is None and item.bbox is None
+    assert json.loads((tmp_path / "meta" / "item.json").read_text()).keys() >= {"geometry"}
+
+
 def test_datetime_comes_from_the_scene_tags(make_scene: Any, tiny_loaded_model: Any, tmp_path: Path) -> None:
     scene = make_scene()
     with rasterio.open(scene, "r+") as ds:
