@@ -66,6 +66,10 @@ class Scene:
     # Per selected band, the value that marks it nodata (a band stack's files may differ); a band
     # that declares none takes the first declared value. Empty: no nodata value.
     band_nodata: tuple[float, ...] = ()
+    # Per selected band, GDAL's Scale and Offset (physical value = stored * scale + offset), when a
+    # band declares other than 1 and 0; else None.
+    scales: tuple[float, ...] | None = None
+    offsets: tuple[float, ...] | None = None
     rpcs: Any = None
 
     @property
@@ -168,6 +172,7 @@ def open_scene(
             gcp_crs=gcp_crs if gcps else None,
             rpcs=src.rpcs,
             band_nodata=band_nodata,
+            **_band_scaling(src, band_indexes),
         )
 
 
@@ -256,6 +261,14 @@ def _names_band(description: str | None, name: str) -> bool:
         if not rest.lstrip(" -_").startswith("edge"):  # "red edge" is another band
             return True
     return False
+
+
+def _band_scaling(src: rasterio.io.DatasetReader, band_indexes: Sequence[int]) -> dict[str, Any]:
+    scales = tuple(float(src.scales[i - 1]) for i in band_indexes)
+    offsets = tuple(float(src.offsets[i - 1]) for i in band_indexes)
+    if all(s == 1.0 for s in scales) and all(o == 0.0 for o in offsets):
+        return {}
+    return {"scales": scales, "offsets": offsets}
 
 
 def _mask_mode(src: rasterio.io.DatasetReader, band_indexes: Sequence[int]) -> tuple[str, float | None]:

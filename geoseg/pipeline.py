@@ -9,6 +9,7 @@ them are bounded, so memory stays flat however big the scene is.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import queue
@@ -171,6 +172,9 @@ def predict_scene(
         if "GDAL_CACHEMAX" not in os.environ:
             cache = block_cache_bytes(scene, grid, source.block_shape, readers)
             rasterio.env.setenv(GDAL_CACHEMAX=cache)
+        if source.scale is None and scene.scales is not None:  # the file's own, as GDAL declares them
+            source = dataclasses.replace(source, scale=scene.scales, offset=scene.offsets,
+                                         scaling_from="file")
         model = source.calibrate(model)
         log.info("%s: %dx%d px, bands %s (%s)",
                  source.name, scene.width, scene.height, list(scene.band_indexes), scene.band_source)

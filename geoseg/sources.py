@@ -72,8 +72,9 @@ class ResolvedSource:
         name: The user's SRC for messages (URLs without query strings).
         files: Every local path or URI read (the STAC Item included), for destination checks.
         tag: Value of the output's ``GEOSEG_SOURCE`` tag.
-        scale: Per model band, from a STAC Item's ``raster:bands``: physical value = stored value
-            * scale + offset; ``None`` when the item declares none.
+        scale: Per model band, from a STAC Item's ``raster:bands`` (or the file's own band scale
+            and offset, see ``scaling_from``): physical value = stored value * scale + offset;
+            ``None`` when none is declared.
         offset: See ``scale``.
         block_shape: The tallest and the widest block of the files read, ``(rows, cols)`` in
             pixels (sizes the block cache); ``None`` when not looked at (then the scene's own).
@@ -86,24 +87,27 @@ class ResolvedSource:
     scale: tuple[float, ...] | None = None
     offset: tuple[float, ...] | None = None
     block_shape: tuple[int, int] | None = None
+    scaling_from: str = "item"  # whose scale and offset: a STAC "item"'s, or the "file"'s own bands'
 
     def calibrate(self, model: LoadedModel) -> LoadedModel:
         """The model to run on this source.
 
-        With the STAC Item's scale and offset in place of the model's own when the item
-        declares them and the model's normalisation is ``scale`` (see :func:`resolve_source`);
-        otherwise ``model`` unchanged.
+        With the source's scale and offset in place of the model's own when it declares them and
+        the model's normalisation is ``scale`` (see :func:`resolve_source`); otherwise ``model``
+        unchanged.
         """
         if self.scale is None or self.offset is None:
             return model
+        whose = self.scaling_from
         meta = model.metadata
         if meta.normalization.method != "scale":
-            log.info("%s: the model normalises raw values (meanstd); the item's scale and offset are not "
-                     "applied", self.name)
+            log.info("%s: the model normalises raw values (meanstd); the %s's scale and offset are not "
+                     "applied", self.name, whose)
             return model
         log.info(
-            "%s: applying the item's scale and offset in place of the model's: %s",
+            "%s: applying the %s's scale and offset in place of the model's: %s",
             self.name,
+            whose,
             ", ".join(f"{b} x{s:g}{o:+g}" for b, s, o in zip(meta.band_names, self.scale, self.offset)),
         )
         norm = Normalization("scale", scale=self.scale, offset=self.offset)

@@ -635,6 +635,27 @@ def test_not_a_stac_item(tmp_path: Path, tiny_loaded_model) -> None:
 
 
 @pytest.mark.parametrize("method", ["scale", "meanstd"])
+def test_a_files_own_scale_and_offset_are_those_of_an_item(
+    tmp_path: Path, archive: Path, make_model_file, method: str
+) -> None:
+    """The same values stored the GDAL way (band Scale and Offset) act as a STAC Item's do."""
+    scaled = tmp_path / "scaled.tif"
+    shutil.copy(archive / "scene.tif", scaled)
+    with rasterio.open(scaled, "r+", IGNORE_COG_LAYOUT_BREAK="YES") as ds:
+        ds.scales, ds.offsets = (2.75e-5,) * 4, (-0.2,) * 4
+    if method == "scale":
+        model = load_model(make_model_file("m.safetensors"))  # scale 1e-4, offset 0
+        landsat = Normalization("scale", scale=(2.75e-5,) * 4, offset=(-0.2,) * 4)
+        expected = load_model(make_model_file("e.safetensors", normalization=landsat))
+    else:
+        norm = Normalization("meanstd", mean=(9000.0,) * 4, std=(3000.0,) * 4)
+        model = expected = load_model(make_model_file("m.safetensors", normalization=norm))
+    predict(archive / "scene.tif", tmp_path / "expected.tif", expected)
+    predict(scaled, tmp_path / "scaled_out.tif", model)
+    assert_same_output(tmp_path / "expected.tif", tmp_path / "scaled_out.tif")
+
+
+@pytest.mark.parametrize("method", ["scale", "meanstd"])
 def test_stac_scale_and_offset_replace_a_scale_models_own(
     tmp_path: Path, archive: Path, server: RangeServer, make_model_file, method: str
 ) -> None:
