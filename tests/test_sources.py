@@ -634,6 +634,18 @@ def test_not_a_stac_item(tmp_path: Path, tiny_loaded_model) -> None:
         predict(tmp_path / "missing.json", tmp_path / "out.tif", tiny_loaded_model)
 
 
+def landsat_scaling_models(make_model_file, method: str) -> tuple[Any, Any]:
+    """(the model run, the model it must then equal) when the source declares reflectance = DN x
+    2.75e-5 - 0.2: a ``scale`` model takes that scaling, a ``meanstd`` one stays as it is."""
+    if method == "meanstd":
+        norm = Normalization("meanstd", mean=(9000.0,) * 4, std=(3000.0,) * 4)
+        model = load_model(make_model_file("m.safetensors", normalization=norm))
+        return model, model
+    landsat = Normalization("scale", scale=(2.75e-5,) * 4, offset=(-0.2,) * 4)
+    model = load_model(make_model_file("m.safetensors"))  # scale 1e-4, offset 0
+    return model, load_model(make_model_file("e.safetensors", normalization=landsat))
+
+
 @pytest.mark.parametrize("method", ["scale", "meanstd"])
 def test_a_files_own_scale_and_offset_are_those_of_an_item(
     tmp_path: Path, archive: Path, make_model_file, method: str
@@ -643,13 +655,7 @@ def test_a_files_own_scale_and_offset_are_those_of_an_item(
     shutil.copy(archive / "scene.tif", scaled)
     with rasterio.open(scaled, "r+", IGNORE_COG_LAYOUT_BREAK="YES") as ds:
         ds.scales, ds.offsets = (2.75e-5,) * 4, (-0.2,) * 4
-    if method == "scale":
-        model = load_model(make_model_file("m.safetensors"))  # scale 1e-4, offset 0
-        landsat = Normalization("scale", scale=(2.75e-5,) * 4, offset=(-0.2,) * 4)
-        expected = load_model(make_model_file("e.safetensors", normalization=landsat))
-    else:
-        norm = Normalization("meanstd", mean=(9000.0,) * 4, std=(3000.0,) * 4)
-        model = expected = load_model(make_model_file("m.safetensors", normalization=norm))
+    model, expected = landsat_scaling_models(make_model_file, method)
     predict(archive / "scene.tif", tmp_path / "expected.tif", expected)
     predict(scaled, tmp_path / "scaled_out.tif", model)
     assert_same_output(tmp_path / "expected.tif", tmp_path / "scaled_out.tif")
@@ -664,13 +670,7 @@ def test_stac_scale_and_offset_replace_a_scale_models_own(
     raster = {band: {"scale": 2.75e-5, "offset": -0.2, "nodata": 0} for band in BANDS}
     item = stac_item({b: f"{b}.tif" for b in BANDS}, raster=raster)
     (server.root / "item.json").write_text(json.dumps(item))
-    if method == "scale":
-        model = load_model(make_model_file("m.safetensors"))  # scale 1e-4, offset 0
-        landsat = Normalization("scale", scale=(2.75e-5,) * 4, offset=(-0.2,) * 4)
-        expected = load_model(make_model_file("e.safetensors", normalization=landsat))
-    else:
-        norm = Normalization("meanstd", mean=(9000.0,) * 4, std=(3000.0,) * 4)
-        model = expected = load_model(make_model_file("m.safetensors", normalization=norm))
+    model, expected = landsat_scaling_models(make_model_file, method)
     predict(archive / "scene.tif", tmp_path / "expected.tif", expected)
     predict(server.url("item.json"), tmp_path / "stac.tif", model)
     assert_same_output(tmp_path / "expected.tif", tmp_path / "stac.tif")
