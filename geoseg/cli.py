@@ -139,6 +139,8 @@ def _predict_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--bands", callback=_band_list,
                      help="1-based raster bands feeding the model, in its order, e.g. 4,3,2,8."),
         click.option("--nodata", type=float, help="Input value to treat as nodata (overrides the file's)."),
+        click.option("--output-nodata", type=click.IntRange(0, 65535),
+                     help="Output value where the input is nodata; must not be a class id [255]."),
         click.option("--device", help="auto, cpu, cuda or cuda:N [auto]."),
         click.option("--precision", type=click.Choice(PRECISIONS), help="Compute precision [auto]."),
         click.option("--compress", type=click.Choice(COMPRESSIONS), help="Output compression [deflate]."),

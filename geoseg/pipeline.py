@@ -153,7 +153,8 @@ def predict_scene(
     if model is None:
         model = load_model(config.model or default_model_path())
     if config.output_nodata in {c.id for c in model.metadata.classes}:
-        raise ConfigError(f"output_nodata {config.output_nodata} is also a class id of the model; choose another value")
+        raise ConfigError(f"{model.path}: class id {config.output_nodata} is also the output nodata value; "
+                          "choose another with --output-nodata (output_nodata: in a --config file)")
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
     with rasterio.Env(**gdal_options(remote=_names_remote(src))):

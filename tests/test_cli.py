@@ -430,6 +430,16 @@ def test_a_bad_value_in_a_config_file_names_the_file(
     assert not dst.exists()
 
 
+def test_output_nodata_flag(runner: CliRunner, tmp_path: Path, scene: Path, model_file: Path) -> None:
+    dst = tmp_path / "out.tif"
+    result = predict(runner, scene, dst, model_file, "--output-nodata", "200")
+    assert result.exit_code == 0, result.output
+    with rasterio.open(dst) as out:
+        assert out.nodata == 200 and out.colormap(1)[200][3] == 0
+    assert_user_error(predict(runner, scene, tmp_path / "o2.tif", model_file, "--output-nodata", "1"),
+                      str(model_file), "class id 1 is also the output nodata value")
+
+
 def test_a_bad_flag_beside_a_good_config_file_does_not_blame_the_file(
     runner: CliRunner, tmp_path: Path, scene: Path, model_file: Path
 ) -> None:

@@ -968,8 +968,10 @@ def test_cuda_probabilities_and_real_network_match_cpu(tmp_path: Path, make_scen
 def test_output_nodata_equal_to_a_class_id_is_refused(tmp_path: Path, make_scene, tiny_loaded_model) -> None:
     src = make_scene(width=40, height=40)
     dst = tmp_path / "out.tif"
-    with pytest.raises(ConfigError, match="output_nodata 2 is also a class id"):
+    match = "class id 2 is also the output nodata value; .* --output-nodata"
+    with pytest.raises(ConfigError, match=match) as err:
         predict_scene(src, dst, PredictConfig(output_nodata=2), model=tiny_loaded_model)
+    assert str(tiny_loaded_model.path) in str(err.value)
     assert not dst.exists()
 
 
