@@ -217,7 +217,7 @@ def _output_options(f: Callable[..., Any]) -> Callable[..., Any]:
                      help="Polygon simplification tolerance in map units, shared edges kept [0: exact pixel edges]."),
         click.option("--min-area", "vector_min_area", type=click.FloatRange(min=0), default=0.0,
                      help="Drop polygons smaller than this, in square map units [0: keep all]."),
-        click.option("--report", "report", type=click.Path(file_okay=False),
+        click.option("--report", "report", type=click.Path(),
                      help="Also write a static HTML report to this folder (quicklooks, legend, area table)."),
         click.option("--stac", "stac", type=click.Path(dir_okay=False),
                      help="Also write a STAC Item (JSON) describing DST."),

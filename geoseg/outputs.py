@@ -67,7 +67,8 @@ def check_output_destinations(outputs: OutputOptions, dst: Path, sources: Sequen
     Raises:
         OutputError: An output is the class raster, an input or another output; its folder is
             missing; it exists without ``overwrite``; a polygon or statistics file's extension
-            is unknown.
+            is unknown; the report folder holds an input, another output or anything but an
+            earlier report.
     """
     from .io import check_destination
     from .stats import stats_format
@@ -78,12 +79,11 @@ def check_output_destinations(outputs: OutputOptions, dst: Path, sources: Sequen
             raise OutputError(f"{path}: also given as {seen[os.path.abspath(path)]}; choose another name")
         seen[os.path.abspath(path)] = str(path)
         if path == outputs.report:
-            if not path.parent.is_dir():
-                raise OutputError(f"{path}: folder {path.parent} does not exist")
-            if path.exists() and not path.is_dir():
-                raise OutputError(f"{path}: exists and is not a folder; the report is a folder")
-            if path.exists() and not overwrite:
-                raise OutputError(f"{path}: already exists (use --overwrite to replace it)")
+            from .report import check_report_folder
+
+            others = [(p, "another output") for p in outputs.files() if p != path]
+            check_report_folder(path, overwrite, keep=[(dst, "the class raster"),
+                                                       *((src, "the input") for src in sources), *others])
             continue
         for src in sources:
             check_destination(src, path, overwrite)
