@@ -713,10 +713,11 @@ def train(config_file: str | None, resume: bool, overwrite: bool, verbose: int, 
 @click.option("--rows", help="Only rows A:B (B exclusive, 0-based).")
 @click.option("--window", help="Only the window col_off,row_off,width,height (pixels).")
 @click.option("--aoi", type=click.Path(dir_okay=False), help="Only pixels inside these polygons (GeoJSON, GeoPackage).")
-@click.option("--json", "json_file", type=click.Path(dir_okay=False), help="Also write the figures to this JSON file.")
+@click.option("--json", "json_file", help="Also write the figures to this JSON file.")
+@click.option("--overwrite", is_flag=True, help="Replace the --json file if it exists.")
 @_verbosity_options
 def evaluate(pred: str, ref: str, classes: str | None, rows: str | None, window: str | None, aoi: str | None,
-             json_file: str | None, verbose: int, quiet: bool) -> None:
+             json_file: str | None, overwrite: bool, verbose: int, quiet: bool) -> None:
     """Score a class raster PRED against a reference class raster REF on the same grid.
 
     Prints per-class IoU, precision, recall and F1, mean IoU, overall accuracy, Cohen's kappa
@@ -730,23 +731,20 @@ def evaluate(pred: str, ref: str, classes: str | None, rows: str | None, window:
     """
     _configure_logging(verbose, quiet)
     with _user_errors(quiet):
-        from pathlib import Path
-
-        from .errors import OutputError
-        from .evaluate import evaluate_rasters
+        from .evaluate import check_figures_destination, evaluate_rasters, write_figures
         from .labels import ClassMap, parse_region
         from .modelfile import load_classes
 
+        if json_file:
+            inputs = {"the prediction raster (PRED)": pred, "the reference raster (REF)": ref,
+                      "the classes file (--classes)": classes, "the area of interest (--aoi)": aoi}
+            check_figures_destination(json_file, inputs, overwrite)
         region = parse_region(rows, window, aoi)
         class_map = ClassMap(*load_classes(classes)) if classes else None
-        if json_file and not Path(json_file).resolve().parent.is_dir():
-            raise OutputError(f"{json_file}: folder {Path(json_file).resolve().parent} does not exist")
         metrics = evaluate_rasters(pred, ref, class_map, region)
         click.echo(metrics.format_table())
         if json_file:
-            Path(json_file).write_text(
-                metrics.to_json(prediction=pred, reference=ref, region=region.describe()) + "\n"
-            )
+            write_figures(json_file, metrics.to_json(prediction=pred, reference=ref, region=region.describe()) + "\n")
 
 
 if __name__ == "__main__":  # pragma: no cover
