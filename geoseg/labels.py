@@ -222,6 +222,9 @@ def read_vector(path: str | os.PathLike[str], layer: str | None = None) -> Vecto
 def _read_geojson(path: str) -> VectorData:
     shapely = _shapely()
     doc = json.loads(Path(path).read_text())
+    if not isinstance(doc, dict):
+        raise InputError(f"{path}: not GeoJSON (the top level is a {_json_kind(doc)}, "
+                         "expected a FeatureCollection, Feature or geometry)")
     if doc.get("type") == "FeatureCollection":
         features = doc.get("features") or []
     elif doc.get("type") == "Feature":
@@ -237,6 +240,8 @@ def _read_geojson(path: str) -> VectorData:
             crs = CRS.from_user_input(name)
         except CRSError as err:
             raise InputError(f"{path}: unknown CRS {name!r}") from err
+    if not isinstance(features, list) or not all(isinstance(f, dict) for f in features):
+        raise InputError(f"{path}: not GeoJSON (\"features\" must be a list of Feature objects)")
     geoms, props = [], []
     for feature in features:
         if not feature.get("geometry"):
@@ -244,6 +249,11 @@ def _read_geojson(path: str) -> VectorData:
         geoms.append(shapely.geometry.shape(feature["geometry"]))
         props.append(dict(feature.get("properties") or {}))
     return VectorData(tuple(geoms), tuple(props), crs, path)
+
+
+def _json_kind(value: Any) -> str:
+    """How a JSON value is called in messages: list, string, number, ..."""
+    return {list: "list", str: "string", bool: "boolean", int: "number", float: "number"}.get(type(value), "null")
 
 
 def _read_with_fiona(path: str, layer: str | None) -> VectorData:
@@ -270,16 +280,22 @@ def _read_with_fiona(path: str, layer: str | None) -> VectorData:
 def geometries_on_grid(data: VectorData, grid: Grid) -> list[Any]:
     """The features' geometries in the grid's CRS (unchanged when either CRS is unknown)."""
     shapely = _shapely()
+    if data.crs is not None and data.geometries:
+        from .aoi import check_lonlat
+
+        check_lonlat(tuple(shapely.total_bounds(list(data.geometries))), data.crs, data.path)
     if data.crs is None or grid.crs is None or data.crs == grid.crs:
         return list(data.geometries)
     from rasterio.warp import transform_geom
+
+    from .aoi import reprojection_errors
 
     try:
         return [
             shapely.geometry.shape(transform_geom(data.crs, grid.crs, g.__geo_interface__))
             for g in data.geometries
         ]
-    except (CRSError, ValueError, RasterioError) as err:
+    except reprojection_errors() as err:
         raise InputError(f"{data.path}: cannot reproject to the image CRS ({_first_line(err)})") from err
 
 
@@ -478,6 +494,10 @@ def row_blocks(window: Window, rows: int) -> Iterator[Window]:
 RegionKind = Literal["all", "rows", "window", "polygon"]
 
 
+class RegionOutsideError(InputError):
+    """A region lies wholly outside a grid (a training region may miss one image of several)."""
+
+
 @dataclass(frozen=True)
 class Region:
     """A part of a pixel grid: all of it, a range of rows, a window or polygons.
@@ -537,7 +557,8 @@ class Region:
         """Bind to a grid.
 
         Raises:
-            InputError: The region lies outside the grid (it would be empty).
+            RegionOutsideError: The region lies outside the grid (it would be empty).
+            InputError: The region's polygon file is unreadable or cannot be placed on the grid.
         """
         if self.kind == "rows":
             a, b = self.row_range  # type: ignore[misc]
@@ -554,7 +575,7 @@ class Region:
         else:
             bbox, index = grid.window, None
         if bbox is None:
-            raise InputError(
+            raise RegionOutsideError(
                 f"{what} ({self.describe()}) lies outside the {grid.width}x{grid.height} px image"
             )
         return BoundRegion(self, grid, bbox, index)

@@ -52,6 +52,7 @@ from .labels import (
     Grid,
     LabelSource,
     Region,
+    RegionOutsideError,
     open_labels,
     parse_region,
     row_blocks,
@@ -688,7 +689,7 @@ def _bind_optional(region: Region, grid: Grid) -> BoundRegion | None:
     """Bind a region, or ``None`` when it misses this image (one of several)."""
     try:
         return region.on(grid)
-    except InputError:
+    except RegionOutsideError:  # an unreadable polygon file is still an error
         return None
 
 
