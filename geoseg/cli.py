@@ -471,9 +471,10 @@ def init_model(out: str, arch: str, bands: str, source_bands: str | None, classe
 
         from .config import parse_band_list
         from .errors import ConfigError, OutputError
-        from .modelfile import Normalization, load_classes, new_metadata, save_model
+        from .modelfile import Normalization, check_not_an_input, load_classes, new_metadata, save_model
 
         out_path = Path(out)
+        check_not_an_input(out, {"classes file": classes_file}, option="OUT")
         if out_path.exists() and not overwrite:
             raise OutputError(f"{out}: already exists (use --overwrite to replace it)")
         if not out_path.parent.is_dir():

@@ -58,7 +58,7 @@ from .labels import (
     row_blocks,
 )
 from .metrics import Metrics, confusion_matrix
-from .modelfile import ModelMetadata, Normalization, load_classes
+from .modelfile import ModelMetadata, Normalization, apply_umask, check_not_an_input, load_classes
 
 log = logging.getLogger(__name__)
 
@@ -472,6 +472,12 @@ def train_model(
     ckpt_path, ckpt_json = checkpoint_paths(out)
     if not out.parent.is_dir():
         raise OutputError(f"{out}: folder {out.parent} does not exist")
+    inputs = {"training image": config.images, "labels": config.labels, "classes file": config.classes,
+              "init model": config.init_model, "pretrained weights": config.pretrained,
+              "training polygons": config.train_aoi, "validation polygons": config.val_aoi}
+    check_not_an_input(out, inputs)
+    for written in (ckpt_path, ckpt_json):  # also written, beside --out
+        check_not_an_input(written, inputs, option="the checkpoint of --out")
     state = None
     if resume:
         state = _read_checkpoint_state(ckpt_json, config)
@@ -1293,6 +1299,7 @@ def _write_checkpoint(
     tmp = ckpt_path.with_name(f".{ckpt_path.name}.tmp{os.getpid()}")
     try:
         save_file(tensors, str(tmp), metadata={"token": token})
+        apply_umask(tmp)
         os.replace(tmp, ckpt_path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -467,3 +467,41 @@ def test_cli_trains_and_writes_a_model(runner, tmp_path: Path) -> None:
     assert read_metadata(config.out).provenance["seed"] == 1
     result = runner.invoke(main, ["train", *_args(config, **{"--steps": "4", "--seed": "1"}), "--resume"])
     assert result.exit_code == 0, result.output  # already finished: nothing more to do
+
+
+def test_out_may_not_be_an_input_even_with_overwrite(runner, tmp_path: Path) -> None:
+    """train --out and init-model OUT never replace an input of the run (as predict refuses DST == SRC)."""
+    config = tiny_config(tmp_path)
+    for option, value in (("--labels", config.labels[0]), ("--image", config.images[0]), ("--classes", config.classes)):
+        before = Path(value).read_bytes()
+        msg = _cli_error(runner, [*_args(config, **{"--out": value}), "--overwrite"])
+        assert msg.startswith(f"Error: {value}: --out is an input of this run (")
+        assert Path(value).read_bytes() == before
+    # the checkpoint pair written beside --out counts too
+    sidecar_named = tmp_path / "m.safetensors.ckpt.json"
+    sidecar_named.write_text(json.dumps(CLASSES_JSON))
+    msg = _cli_error(runner, [*_args(config, **{"--out": str(tmp_path / "m.safetensors"),
+                                                "--classes": str(sidecar_named)}), "--overwrite"])
+    assert "the checkpoint of --out is an input of this run (classes file)" in msg
+    result = runner.invoke(main, ["init-model", config.classes, "--classes", config.classes, "--overwrite"])
+    assert result.exit_code == 1
+    assert result.output.strip() == (
+        f"Error: {config.classes}: OUT is an input of this run (classes file); choose another file"
+    )
+    assert json.loads(Path(config.classes).read_text()) == CLASSES_JSON
+
+
+def test_model_and_checkpoint_follow_the_umask(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    config = tiny_config(tmp_path, steps=2, epoch_steps=2)
+    previous = os.umask(0o027)
+    try:
+        train_model(config)
+    finally:
+        os.umask(previous)
+    model, (tensors, sidecar) = Path(config.out), checkpoint_paths(config.out)
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in (model, tensors, sidecar)} == {
+        model.name: 0o640, tensors.name: 0o640, sidecar.name: 0o640
+    }
