@@ -63,8 +63,12 @@ def _user_errors(quiet: bool = False) -> Iterator[None]:
         except OSError as err:  # disk full, permission denied: the environment, not a bug
             where = f"{err.filename}: " if err.filename else ""
             raise click.ClickException(f"{where}{err.strerror or err}") from None
-        except KeyboardInterrupt:
-            click.echo("Interrupted; no output was written.", err=True)
+        except KeyboardInterrupt as err:
+            # What is on disk by then is for the interrupted library code to say (exception notes);
+            # every output is renamed into place only when complete, so nothing partial remains.
+            notes = getattr(err, "__notes__", None)
+            said = "; ".join(notes) if notes else "no unfinished output was left behind"
+            click.echo(f"Interrupted; {said}.", err=True)
             raise SystemExit(130) from None
         finally:
             signal.signal(signal.SIGTERM, previous)

@@ -55,6 +55,25 @@ class OutputOptions:
         if self.vector_min_area < 0:
             raise ConfigError(f"vector minimum area must be >= 0, got {self.vector_min_area!r}")
 
+    def interrupted_note(self, dst: Path, since: float) -> str:
+        """What exists after an interrupt while the derived outputs (polygons, report, STAC Item)
+        were being made: DST and the streamed outputs, and the derived ones finished at ``since``
+        or later (each appears only complete)."""
+        written = [dst, *(p for p in (self.probabilities, self.confidence, self.stats) if p is not None)]
+        missing = []
+        for path in (self.vector, self.report, self.stac):
+            if path is None:
+                continue
+            try:
+                done = path.stat().st_mtime >= since
+            except OSError:
+                done = False
+            (written if done else missing).append(path)
+        said = f"{', '.join(map(str, written))} {'was' if len(written) == 1 else 'were'} written"
+        if missing:
+            said += f"; {', '.join(map(str, missing))} {'was' if len(missing) == 1 else 'were'} not"
+        return said
+
     def files(self) -> list[Path]:
         """Every output file or folder asked for (to check them all before any work starts)."""
         return [p for p in (self.probabilities, self.confidence, self.stats, self.vector, self.report, self.stac)

@@ -1006,6 +1006,7 @@ def _fit(
     epochs_run = 0
     running: list[float] = []
     latest_miou = history[-1].val_miou if history else float("nan")
+    checkpointed = step if resume_state is not None else None  # the step the checkpoint on disk holds
     try:
         while step < config.steps and (max_epochs is None or epochs_run < max_epochs):
             epoch_started = time.perf_counter()
@@ -1084,8 +1085,17 @@ def _fit(
             _write_checkpoint(
                 ckpt_path, ckpt_json, config, network, optimizer, rng, step, epoch, best, history
             )
+            checkpointed = step
             if on_epoch is not None:
                 on_epoch(record)
+    except KeyboardInterrupt as err:
+        if checkpointed is not None:  # say what is on disk (the CLI prints notes with its message)
+            what = (f"the best epoch so far (epoch {best['epoch']}, step {best['step']})"
+                    if config.has_validation else f"the model after step {best['step']}")
+            err.add_note(f"{out} holds {what}; its checkpoint continues from step {checkpointed} with --resume")
+        else:
+            err.add_note(f"no epoch had finished; {out} was not written")
+        raise
     finally:
         bar.close()
     best_metrics = None

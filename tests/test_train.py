@@ -505,3 +505,35 @@ def test_model_and_checkpoint_follow_the_umask(tmp_path: Path) -> None:
     assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in (model, tensors, sidecar)} == {
         model.name: 0o640, tensors.name: 0o640, sidecar.name: 0o640
     }
+
+
+def test_an_interrupt_says_what_is_on_disk(runner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C after an epoch: --out holds the best epoch and the checkpoint resumes; the CLI says so."""
+    config = tiny_config(tmp_path, steps=6, epoch_steps=2)
+    epochs = []
+
+    def interrupt_in_the_second_epoch(record: Any) -> None:
+        epochs.append(record)
+        if len(epochs) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt) as caught:
+        train_model(config, on_epoch=interrupt_in_the_second_epoch)
+    best = max(epochs, key=lambda r: r.val_miou)
+    assert caught.value.__notes__ == [
+        f"{config.out} holds the best epoch so far (epoch {best.epoch}, step {best.step}); "
+        "its checkpoint continues from step 4 with --resume"
+    ]
+    assert Path(config.out).is_file() and all(p.is_file() for p in checkpoint_paths(config.out))
+    # The CLI prints the note instead of "no output was written".
+    import geoseg.train
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(geoseg.train, "validate", interrupted)
+    result = runner.invoke(main, ["train", *_args(config, **{"--out": str(tmp_path / "other.safetensors")})])
+    assert result.exit_code == 130
+    assert result.output.strip().splitlines()[-1] == (
+        f"Interrupted; no epoch had finished; {tmp_path / 'other.safetensors'} was not written."
+    )
