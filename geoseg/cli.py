@@ -447,6 +447,28 @@ def _floats(values: tuple[float, ...]) -> str:
     return "[" + ", ".join(f"{v:.6g}" for v in values) + "]"
 
 
+def _arch_override(item: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` with VALUE read as YAML, as in a config file's ``arch_overrides``: ``gelu``,
+    ``64``, ``[8,16,24,32]``; ``8,16,24,32`` is a list too.
+
+    Raises:
+        ConfigError: No ``=``, no key, or VALUE is not valid YAML.
+    """
+    import yaml
+
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--arch-override {item!r}: expected KEY=VALUE")
+    try:
+        value = yaml.safe_load(text)
+        if isinstance(value, str) and "," in value:
+            value = [yaml.safe_load(part) for part in value.split(",")]
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or "not valid YAML"
+        raise ConfigError(f"--arch-override {item!r}: VALUE must be a number, text or list ({problem})") from None
+    return key.strip(), value
+
+
 @main.command("init-model")
 @click.argument("out", type=click.Path(dir_okay=False))
 @click.option("--arch", default="segformer-b0", show_default=True, help="segformer-b0 ... segformer-b5.")
@@ -486,12 +508,7 @@ def init_model(out: str, arch: str, bands: str, source_bands: str | None, classe
         names = [b.strip() for b in bands.split(",") if b.strip()]
         sources = parse_band_list(source_bands) if source_bands else None
         classes, ignore_index = load_classes(classes_file)
-        overrides: dict[str, Any] = {}
-        for item in arch_override:
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise ConfigError(f"--arch-override {item!r}: expected KEY=VALUE")
-            overrides[key.strip()] = json.loads(f"[{value}]") if "," in value else json.loads(value)
+        overrides = dict(_arch_override(item) for item in arch_override)
         metadata = new_metadata(
             arch,
             names,

@@ -537,3 +537,29 @@ def test_an_interrupt_says_what_is_on_disk(runner, tmp_path: Path, monkeypatch: 
     assert result.output.strip().splitlines()[-1] == (
         f"Interrupted; no epoch had finished; {tmp_path / 'other.safetensors'} was not written."
     )
+
+
+def test_arch_overrides_are_read_as_yaml(runner, tmp_path: Path) -> None:
+    """--arch-override VALUE reads like a config file's arch_overrides: [8,16], 8,16 and text all work."""
+    classes = tmp_path / "classes.json"
+    classes.write_text(json.dumps(CLASSES_JSON))
+    out = tmp_path / "m.safetensors"
+    forms = ["hidden_sizes=[8, 8, 16, 16]", "depths=1,1,1,1", "num_attention_heads=[1,1,2,2]",
+             "decoder_hidden_size=16"]
+    result = runner.invoke(main, ["init-model", str(out), "--classes", str(classes),
+                                  *(arg for form in forms for arg in ("--arch-override", form))])
+    assert result.exit_code == 0, result.output
+    arch = read_metadata(out).arch_config
+    assert (arch["hidden_sizes"], arch["depths"], arch["num_attention_heads"], arch["decoder_hidden_size"]) == (
+        [8, 8, 16, 16], [1, 1, 1, 1], [1, 1, 2, 2], 16
+    )
+    for form, message in (
+        ("decoder_hidden_size=abc", "decoder_hidden_size must be a positive integer, got 'abc'"),
+        ("depths=[1,1", "--arch-override 'depths=[1,1': VALUE must be a number, text or list"),
+        ("depths", "--arch-override 'depths': expected KEY=VALUE"),
+    ):
+        result = runner.invoke(main, ["init-model", str(out), "--classes", str(classes), "--overwrite",
+                                      "--arch-override", form])
+        assert result.exit_code == 1, result.output
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], result.output
