@@ -766,7 +766,7 @@ def evaluate(pred: str, ref: str, classes: str | None, rows: str | None, window:
         metrics = evaluate_rasters(pred, ref, class_map, region)
         click.echo(metrics.format_table())
         if json_file:
-            write_figures(json_file, metrics.to_json(prediction=pred, reference=ref, region=region.describe()) + "\n")
+            write_figures(json_file, metrics.to_json(prediction=pred, reference=ref, region=metrics.region) + "\n")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -62,7 +62,7 @@ def evaluate_rasters(
             if classes is None:
                 raise InputError(f"{pred}: no class names in either raster; pass a classes file (--classes)")
         grid = Grid.of(r_src)
-        bound = (region or Region()).on(grid, "evaluation region")
+        bound = (region or Region()).on(grid, f"{ref}: the evaluation region")
         k = classes.num_classes
         confusion = np.zeros((k, k), np.int64)
         for window in row_blocks(bound.bbox, block_rows):
@@ -86,7 +86,7 @@ def evaluate_rasters(
     if confusion.sum() == 0:
         raise InputError(f"{pred}: no pixel is valid in both rasters within the {bound.region.describe()}")
     log.info("evaluated %d pixels of %s against %s (%s)", confusion.sum(), pred, ref, bound.region.describe())
-    return Metrics(confusion, classes.ids, classes.names)
+    return Metrics(confusion, classes.ids, classes.names, region=bound.region.describe())
 
 
 def check_figures_destination(

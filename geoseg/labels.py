@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,7 @@ from rasterio.crs import CRS
 from rasterio.errors import CRSError, RasterioError
 from rasterio.windows import Window
 
-from .errors import ConfigError, InputError
+from .errors import ConfigError, GeosegWarning, InputError
 from .modelfile import ClassSpec
 
 IGNORE = 255
@@ -556,18 +557,27 @@ class Region:
     def on(self, grid: Grid, what: str = "region") -> BoundRegion:
         """Bind to a grid.
 
+        Rows or a window running past the grid are clipped to it, with a warning; the bound
+        region's :attr:`BoundRegion.region` describes the clipped part.
+
         Raises:
             RegionOutsideError: The region lies outside the grid (it would be empty).
             InputError: The region's polygon file is unreadable or cannot be placed on the grid.
         """
+        region = self
         if self.kind == "rows":
             a, b = self.row_range  # type: ignore[misc]
             bbox = _clip(grid, Window(0, a, grid.width, b - a))
             index = None
+            if bbox is not None and bbox.height != b - a:
+                region = Region("rows", row_range=(int(bbox.row_off), int(bbox.row_off + bbox.height)))
         elif self.kind == "window":
             c, r, w, h = self.window_px  # type: ignore[misc]
             bbox = _clip(grid, Window(c, r, w, h))
             index = None
+            if bbox is not None and (bbox.width, bbox.height) != (w, h):
+                region = Region("window", window_px=(int(bbox.col_off), int(bbox.row_off),
+                                                     int(bbox.width), int(bbox.height)))
         elif self.kind == "polygon":
             geoms = geometries_on_grid(read_vector(self.aoi_path), grid)  # type: ignore[arg-type]
             index = _ShapeIndex(geoms)
@@ -578,7 +588,14 @@ class Region:
             raise RegionOutsideError(
                 f"{what} ({self.describe()}) lies outside the {grid.width}x{grid.height} px image"
             )
-        return BoundRegion(self, grid, bbox, index)
+        if region is not self:  # a typo such as 1032:14280 should not pass unnoticed
+            warnings.warn(
+                f"{what} ({self.describe()}) runs past the {grid.width}x{grid.height} px image; "
+                f"using {region.describe()}",
+                GeosegWarning,
+                stacklevel=2,
+            )
+        return BoundRegion(region, grid, bbox, index)
 
 
 def parse_region(rows: str | None = None, window: str | None = None, aoi: str | None = None) -> Region:

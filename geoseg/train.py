@@ -631,8 +631,9 @@ def _scan(config: TrainConfig, class_map: ClassMap, meta: ModelMetadata) -> _Dat
             image = _ImageData(image_path, scene, grid, labels, None, None)
             images.append(image)
             image.src = rasterio.open(image_path)
-            image.val = _bind_optional(val_region, grid) if val_region is not None else None
-            image.train = _bind_optional(config.train_region, grid)
+            image.val = (_bind_optional(val_region, grid, f"{image_path}: the validation region")
+                         if val_region is not None else None)
+            image.train = _bind_optional(config.train_region, grid, f"{image_path}: the training region")
             if image.val is not None:
                 val_pixels += _count_labelled(image, image.val)
             if image.train is None:
@@ -691,10 +692,10 @@ def _scan(config: TrainConfig, class_map: ClassMap, meta: ModelMetadata) -> _Dat
     return dataset
 
 
-def _bind_optional(region: Region, grid: Grid) -> BoundRegion | None:
+def _bind_optional(region: Region, grid: Grid, what: str) -> BoundRegion | None:
     """Bind a region, or ``None`` when it misses this image (one of several)."""
     try:
-        return region.on(grid)
+        return region.on(grid, what)
     except RegionOutsideError:  # an unreadable polygon file is still an error
         return None
 
@@ -710,6 +711,9 @@ def _count_labelled(image: _ImageData, region: BoundRegion) -> int:
 
 def _check_dataset(config: TrainConfig, data: _Dataset, count: int, val_pixels: int) -> None:
     where = ", ".join(config.images)
+    if config.has_validation and all(im.val is None for im in data.images):
+        sizes = ", ".join(f"{im.path} ({im.grid.width}x{im.grid.height} px)" for im in data.images)
+        raise InputError(f"the validation region ({config.val_region.describe()}) lies outside {sizes}")
     if config.has_validation and val_pixels == 0:
         raise InputError(
             f"{where}: the validation region ({config.val_region.describe()}) holds no labelled pixel; "

@@ -263,3 +263,27 @@ def test_cli_errors_are_one_line(runner, tmp_path: Path) -> None:
         assert "Traceback" not in result.output
     result = runner.invoke(main, ["evaluate", other, ref, "--classes", str(classes)])
     assert "other.tif" in result.output and "CRS" in result.output
+
+
+def test_rows_past_the_grid_are_clipped_with_a_warning_and_recorded(
+    runner, tmp_path: Path, pair: tuple[str, str, np.ndarray, np.ndarray]
+) -> None:
+    pred_path, ref_path, pred, ref = pair
+    height, width = ref.shape
+    classes = tmp_path / "classes.json"
+    classes.write_text(json.dumps(CLASSES_JSON))
+    out = tmp_path / "scores.json"
+    result = runner.invoke(main, ["evaluate", pred_path, ref_path, "--classes", str(classes), "--rows",
+                                  f"5:{height + 1000}", "--json", str(out), "-q"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["region"] == f"rows 5:{height}"
+    valid = (ref[5:] != 0) & (pred[5:] != 255)
+    assert data["pixels"] == int(valid.sum())
+    with pytest.warns(UserWarning, match=rf"^{ref_path}: the evaluation region \(window 2,3,999,4\) runs past "
+                      rf"the {width}x{height} px image; using window 2,3,{width - 2},4$"):
+        metrics = evaluate_rasters(pred_path, ref_path, CLASSES, Region.window("2,3,999,4"))
+    assert metrics.region == f"window 2,3,{width - 2},4"
+    with pytest.raises(InputError, match=rf"^{ref_path}: the evaluation region \(rows {height}:{height + 5}\) "
+                       rf"lies outside the {width}x{height} px image$"):
+        evaluate_rasters(pred_path, ref_path, CLASSES, Region.rows(f"{height}:{height + 5}"))

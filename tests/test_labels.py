@@ -224,8 +224,10 @@ def test_regions(tmp_path: Path) -> None:
     mask = rows.mask(Window(0, 0, 40, 30))
     assert mask[5:12].all() and not mask[:5].any() and not mask[12:].any()
     assert rows.intersects(Window(0, 10, 8, 8)) and not rows.intersects(Window(0, 12, 8, 8))
-    win = Region.window("30,25,20,20").on(GRID)  # clipped to the grid
+    with pytest.warns(UserWarning, match=r"runs past the 40x30 px image; using window 30,25,10,5"):
+        win = Region.window("30,25,20,20").on(GRID)  # clipped to the grid, and recorded so
     assert (win.bbox.col_off, win.bbox.row_off, win.bbox.width, win.bbox.height) == (30, 25, 10, 5)
+    assert win.region.describe() == "window 30,25,10,5"
     aoi = write_geojson(tmp_path / "aoi.geojson", [(pixel_box(3, 4, 9, 6), {})])
     poly = Region.aoi(aoi).on(GRID)
     mask = poly.mask(GRID.window)

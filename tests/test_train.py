@@ -451,8 +451,8 @@ def test_cli_bad_inputs(runner, tmp_path: Path) -> None:
     assert "validation region (window 0,0,3,3) holds no labelled pixel" in _cli_error(
         runner, _args(config, **{"--val-rows": False, "--val-window": "0,0,3,3", "--train-rows": "20:160"})
     )
-    assert "validation region (rows 500:600) holds no labelled pixel" in _cli_error(
-        runner, _args(config, **{"--val-rows": "500:600"})
+    assert _cli_error(runner, _args(config, **{"--val-rows": "500:600"})) == (
+        f"Error: the validation region (rows 500:600) lies outside {config.images[0]} (128x160 px)"
     )
     # output exists
     Path(config.out).write_text("x")
@@ -563,3 +563,15 @@ def test_arch_overrides_are_read_as_yaml(runner, tmp_path: Path) -> None:
         assert result.exit_code == 1, result.output
         lines = result.output.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], result.output
+
+
+def test_regions_running_past_the_image_are_clipped_with_a_warning(tmp_path: Path) -> None:
+    config = tiny_config(tmp_path, train_rows="0:112", val_rows="112:999", steps=2, epoch_steps=2)
+    with pytest.warns(UserWarning) as caught:
+        data = _scan(config, ClassMap(*load_classes(config.classes)), _initial_model(config, ClassMap(
+            *load_classes(config.classes)))[0])
+    data.close()
+    messages = [str(w.message) for w in caught]
+    assert (f"{config.images[0]}: the validation region (rows 112:999) runs past the 128x160 px image; "
+            "using rows 112:160") in messages
+    assert data.images[0].val.region.describe() == "rows 112:160"
