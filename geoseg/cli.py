@@ -470,7 +470,7 @@ def _arch_override(item: str) -> tuple[str, Any]:
 
 
 @main.command("init-model")
-@click.argument("out", type=click.Path(dir_okay=False))
+@click.argument("out")
 @click.option("--arch", default="segformer-b0", show_default=True, help="segformer-b0 ... segformer-b5.")
 @click.option("--bands", default="red,green,blue,nir", show_default=True, help="Input band names, in model order.")
 @click.option("--source-bands", help="Raster band feeding each input by default [1,2,...].")
@@ -501,6 +501,8 @@ def init_model(out: str, arch: str, bands: str, source_bands: str | None, classe
 
         out_path = Path(out)
         check_not_an_input(out, {"classes file": classes_file}, option="OUT")
+        if out_path.is_dir():
+            raise OutputError(f"{out}: is a folder; give a file name")
         if out_path.exists() and not overwrite:
             raise OutputError(f"{out}: already exists (use --overwrite to replace it)")
         if not out_path.parent.is_dir():
@@ -663,7 +665,7 @@ TRAIN_PRECISIONS = ("fp32", "bf16", "auto")
 @click.option("--labels", "labels", multiple=True, help="Class raster on the image's grid, or vector polygons (repeatable).")
 @click.option("--label-attribute", help="Attribute of vector labels holding the class id or name.")
 @click.option("--classes", type=click.Path(dir_okay=False), help="Classes JSON file (ids, names, colours, ignore_index).")
-@click.option("--out", type=click.Path(dir_okay=False), help="Model file to write (the best epoch).")
+@click.option("--out", help="Model file to write (the best epoch).")
 @click.option("--arch", help="SegFormer variant for a new model [segformer-b0].")
 @click.option("--init-model", type=click.Path(dir_okay=False), help="Start from this geoseg model file.")
 @click.option("--pretrained", type=click.Path(dir_okay=False), help="Start from weights in this safetensors file.")

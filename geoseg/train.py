@@ -289,6 +289,15 @@ def train_config_keys() -> list[str]:
     return [f.name for f in dataclasses.fields(TrainConfig)]
 
 
+def yaml_problem(err: Exception) -> str:
+    """A PyYAML error on one line: ``line 2, column 1: expected the node content`` (its own text
+    spans several lines, with a copy of the offending line)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{problem}"
+
+
 def load_train_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read training settings from YAML; relative paths in it are relative to the file's folder.
 
@@ -303,7 +312,7 @@ def load_train_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     except OSError as err:
         raise ConfigError(f"{path}: cannot read config file ({err.strerror or err})") from err
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})") from err
+        raise ConfigError(f"{path}: not valid YAML ({yaml_problem(err)})") from err
     if data is None:
         return {}
     if not isinstance(data, Mapping):
@@ -472,6 +481,8 @@ def train_model(
     ckpt_path, ckpt_json = checkpoint_paths(out)
     if not out.parent.is_dir():
         raise OutputError(f"{out}: folder {out.parent} does not exist")
+    if out.is_dir():
+        raise OutputError(f"{out}: is a folder; give a file name")
     inputs = {"training image": config.images, "labels": config.labels, "classes file": config.classes,
               "init model": config.init_model, "pretrained weights": config.pretrained,
               "training polygons": config.train_aoi, "validation polygons": config.val_aoi}

@@ -575,3 +575,17 @@ def test_regions_running_past_the_image_are_clipped_with_a_warning(tmp_path: Pat
     assert (f"{config.images[0]}: the validation region (rows 112:999) runs past the 128x160 px image; "
             "using rows 112:160") in messages
     assert data.images[0].val.region.describe() == "rows 112:160"
+
+
+def test_bad_yaml_and_folder_outputs_are_one_line_errors(runner, tmp_path: Path) -> None:
+    config = tiny_config(tmp_path)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("{\n")
+    assert _cli_error(runner, ["--config", str(broken), "--out", str(tmp_path / "m.safetensors")]) == (
+        f"Error: {broken}: not valid YAML (line 2, column 1: expected the node content, but found '<stream end>')"
+    )
+    assert _cli_error(runner, _args(config, **{"--out": str(tmp_path)})) == (
+        f"Error: {tmp_path}: is a folder; give a file name"
+    )
+    result = runner.invoke(main, ["init-model", str(tmp_path), "--classes", config.classes])
+    assert result.exit_code == 1 and result.output == f"Error: {tmp_path}: is a folder; give a file name\n"
