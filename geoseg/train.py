@@ -1338,6 +1338,7 @@ def _write_checkpoint(
         "history": [dataclasses.asdict(r) for r in history],
         "numpy_rng": rng.bit_generator.state,
         "config": config.to_dict(),
+        "paths": _resolved_paths(config),
         "geoseg_version": __version__,
     }
     tmp_json = ckpt_json.with_name(f".{ckpt_json.name}.tmp{os.getpid()}")
@@ -1358,9 +1359,12 @@ def _read_checkpoint_state(ckpt_json: Path, config: TrainConfig) -> dict[str, An
     if state.get("format") != "geoseg-train-checkpoint":
         raise CheckpointError(f"{ckpt_json}: not a geoseg training checkpoint")
     saved, now = state.get("config", {}), json.loads(json.dumps(config.to_dict()))
-    changed = sorted(
-        k for k in set(saved) | set(now) if k not in _RESUMABLE_CHANGES and saved.get(k) != now.get(k)
-    )
+    same_anyway = set(_RESUMABLE_CHANGES)
+    if "paths" in state:  # files compare by where they are, not as typed (another folder, absolute paths)
+        saved_paths, now_paths = state["paths"], _resolved_paths(config)
+        same_anyway |= {k for k in now_paths if saved_paths.get(k) == now_paths[k]}
+        saved, now = {**saved, **saved_paths}, {**now, **now_paths}
+    changed = sorted(k for k in set(saved) | set(now) if k not in same_anyway and saved.get(k) != now.get(k))
     if changed:
         details = "; ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:5])
         raise ConfigError(
@@ -1368,6 +1372,20 @@ def _read_checkpoint_state(ckpt_json: Path, config: TrainConfig) -> dict[str, An
             "resume with the same settings"
         )
     return state
+
+
+def _resolved_paths(config: TrainConfig) -> dict[str, Any]:
+    """The run's input files as absolute, link-free paths (URLs and GDAL paths as given)."""
+
+    def resolve(path: str) -> str:
+        return path if "://" in path or path.startswith("/vsi") else os.path.realpath(path)
+
+    settings = config.to_dict()
+    return {
+        key: None if settings[key] is None else
+        [resolve(v) for v in settings[key]] if isinstance(settings[key], list) else resolve(settings[key])
+        for key in _PATH_KEYS if key != "out"
+    }
 
 
 def _restore(

@@ -589,3 +589,20 @@ def test_bad_yaml_and_folder_outputs_are_one_line_errors(runner, tmp_path: Path)
     )
     result = runner.invoke(main, ["init-model", str(tmp_path), "--classes", config.classes])
     assert result.exit_code == 1 and result.output == f"Error: {tmp_path}: is a folder; give a file name\n"
+
+
+def test_resume_compares_files_not_spellings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same files typed from another folder, or as absolute paths, resume; another file does not."""
+    config = tiny_config(tmp_path, steps=4, epoch_steps=2)
+    monkeypatch.chdir(tmp_path)
+    relative = config.replace(images=("scene.tif",), labels=("labels.tif",), classes="classes.json",
+                              out="model.safetensors")
+    train_model(relative, max_epochs=1)
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
+    from_below = config.replace(images=("../scene.tif",), labels=("../labels.tif",), classes="../classes.json",
+                                out="../model.safetensors")
+    assert train_model(from_below, resume=True, max_epochs=1).steps_done == 4
+    (tmp_path / "copy.tif").write_bytes((tmp_path / "labels.tif").read_bytes())
+    with pytest.raises(ConfigError, match=r"settings differ from the interrupted run \(labels: .*copy\.tif"):
+        train_model(config.replace(labels=(str(tmp_path / "copy.tif"),)), resume=True)
