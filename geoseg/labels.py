@@ -440,6 +440,13 @@ class VectorLabels:
                 f"(use a class id or name from the classes file: {known})"
             )
         geoms = geometries_on_grid(data, grid)
+        if _clip(grid, _geometry_window(grid, geoms)) is None:
+            shapely = _shapely()
+            bounds = ", ".join(f"{v:.6g}" for v in shapely.total_bounds(geoms))
+            raise InputError(
+                f"{path}: the polygons ({bounds} in the image's CRS) do not overlap the "
+                f"{grid.width}x{grid.height} px image"
+            )
         self._index = _ShapeIndex(geoms, values)
 
     def read(self, window: Window) -> npt.NDArray[np.uint8]:

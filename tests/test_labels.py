@@ -312,3 +312,11 @@ def test_reprojection_failures_are_input_errors() -> None:
     lonlat = Grid(40, 30, CRS.from_epsg(4326), Affine(0.001, 0, -75, 0, -0.001, 40))
     with pytest.raises(InputError, match=r"^far.gpkg: cannot reproject to the image CRS \(.*domain"):
         geometries_on_grid(far, lonlat)
+
+
+def test_polygons_that_miss_the_image_are_blamed_on_the_label_file(tmp_path: Path) -> None:
+    far = write_geojson(tmp_path / "far.geojson", [(pixel_box(1000, 1000, 1010, 1010), {"cls": 1})])
+    with pytest.raises(InputError, match=r"^.*far\.geojson: the polygons \(.*\) do not overlap the 40x30 px image$"):
+        open_labels(far, GRID, CLASSES, "cls")
+    near = write_geojson(tmp_path / "near.geojson", [(pixel_box(35, 25, 45, 35), {"cls": 1})])  # partly inside
+    assert (open_labels(near, GRID, CLASSES, "cls").read(GRID.window) != IGNORE).sum() == 5 * 5

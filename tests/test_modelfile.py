@@ -238,6 +238,10 @@ def _fields(**changes):
         ({"classes": (ClassSpec(1, "a", "#000000"), ClassSpec(1, "b", "#000000"))}, "unique"),
         ({"classes": (ClassSpec(70000, "a", "#000000"),)}, "0..65535"),
         ({"classes": (ClassSpec(1, "a", "red"),)}, "#rrggbb"),
+        ({"normalization": Normalization("scale", scale=(0.0, 1.0), offset=(0.0, 0.0))}, "finite and non-zero"),
+        ({"tile_size": 0}, "tile size must be at least 32 px, got 0"),
+        ({"tile_size": 100, "overlap": 50}, "less than half the tile 100, got 50"),
+        ({"overlap": -1}, "overlap must be >= 0"),
     ],
 )
 def test_metadata_validation(changes: dict, message: str) -> None:
