@@ -50,9 +50,9 @@ class OutputOptions:
     def __post_init__(self) -> None:
         if self.probabilities_dtype not in ("uint8", "float32"):
             raise ConfigError(f"probabilities dtype must be uint8 or float32, got {self.probabilities_dtype!r}")
-        if self.vector_simplify < 0:
+        if not self.vector_simplify >= 0:  # also NaN, which would act as 0 unnoticed
             raise ConfigError(f"vector simplification tolerance must be >= 0, got {self.vector_simplify!r}")
-        if self.vector_min_area < 0:
+        if not self.vector_min_area >= 0:
             raise ConfigError(f"vector minimum area must be >= 0, got {self.vector_min_area!r}")
 
     def interrupted_note(self, dst: Path, since: float) -> str:
@@ -76,8 +76,13 @@ class OutputOptions:
 
     def files(self) -> list[Path]:
         """Every output file or folder asked for (to check them all before any work starts)."""
-        return [p for p in (self.probabilities, self.confidence, self.stats, self.vector, self.report, self.stac)
-                if p is not None]
+        return list(self.named_files().values())
+
+    def named_files(self) -> dict[str, Path]:
+        """The outputs asked for, by the option that names each (``--stats``: its path)."""
+        chosen = {"--probabilities": self.probabilities, "--confidence": self.confidence, "--stats": self.stats,
+                  "--vector": self.vector, "--report": self.report, "--stac": self.stac}
+        return {option: path for option, path in chosen.items() if path is not None}
 
 
 def check_output_destinations(outputs: OutputOptions, dst: Path, sources: Sequence[str], overwrite: bool) -> None:
@@ -93,14 +98,14 @@ def check_output_destinations(outputs: OutputOptions, dst: Path, sources: Sequen
     from .stats import stats_format
 
     seen = {os.path.abspath(dst): "the class raster"}
-    for path in outputs.files():
+    for option, path in outputs.named_files().items():
         if os.path.abspath(path) in seen:
-            raise OutputError(f"{path}: also given as {seen[os.path.abspath(path)]}; choose another name")
-        seen[os.path.abspath(path)] = str(path)
+            raise OutputError(f"{path}: {option} is also given as {seen[os.path.abspath(path)]}; choose another name")
+        seen[os.path.abspath(path)] = option
         if path == outputs.report:
             from .report import check_report_folder
 
-            others = [(p, "another output") for p in outputs.files() if p != path]
+            others = [(p, f"the {option} output") for option, p in outputs.named_files().items() if p != path]
             check_report_folder(path, overwrite, keep=[(dst, "the class raster"),
                                                        *((src, "the input") for src in sources), *others])
             continue
