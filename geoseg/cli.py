@@ -714,6 +714,8 @@ def train(config_file: str | None, resume: bool, overwrite: bool, verbose: int, 
         config = build_train_config(file_settings, **flags)
         progress = not quiet and sys.stderr.isatty()
         result = train_model(config, resume=resume, overwrite=overwrite, progress=progress)
+        if quiet:  # "only errors": the model file is the result
+            return
         if not result.history:
             click.echo(f"no epoch finished; nothing written (checkpoint: {result.checkpoint})")
             return

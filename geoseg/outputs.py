@@ -105,7 +105,7 @@ def check_output_destinations(outputs: OutputOptions, dst: Path, sources: Sequen
         if path == outputs.report:
             from .report import check_report_folder
 
-            others = [(p, f"the {option} output") for option, p in outputs.named_files().items() if p != path]
+            others = [(p, f"the {name} output") for name, p in outputs.named_files().items() if p != path]
             check_report_folder(path, overwrite, keep=[(dst, "the class raster"),
                                                        *((src, "the input") for src in sources), *others])
             continue

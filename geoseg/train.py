@@ -552,7 +552,8 @@ def _initial_model(config: TrainConfig, class_map: ClassMap) -> tuple[ModelMetad
         source_bands = config.bands or tuple(b.source_band for b in meta.bands)
         if len(source_bands) != len(meta.bands):
             raise ConfigError(
-                f"bands lists {len(source_bands)} bands but {config.init_model} has {len(meta.bands)} inputs"
+                f"--bands lists {len(source_bands)} bands but {config.init_model} takes {len(meta.bands)} "
+                f"({', '.join(b.name for b in meta.bands)})"
             )
         meta = dataclasses.replace(
             meta,
@@ -582,7 +583,10 @@ def _initial_model(config: TrainConfig, class_map: ClassMap) -> tuple[ModelMetad
         return meta, weights
     band_names = config.band_names
     if config.bands is not None and len(config.bands) != len(band_names):
-        raise ConfigError(f"bands lists {len(config.bands)} bands but band_names has {len(band_names)}")
+        raise ConfigError(
+            f"--bands lists {len(config.bands)} bands but the model takes {len(band_names)} "
+            f"({', '.join(band_names)}; band_names in the config file)"
+        )
     meta = new_metadata(
         config.arch,
         band_names,

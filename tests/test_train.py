@@ -193,7 +193,7 @@ def test_without_validation_the_last_step_is_written(runner, tmp_path: Path) -> 
     again = load_model(interrupted.out).module.state_dict()
     for name, value in model.module.state_dict().items():
         torch.testing.assert_close(again[name], value, rtol=1e-5, atol=1e-6, msg=name)
-    args = _args(config, **{"--train-rows": False, "--val-rows": False, "--overwrite": None})
+    args = _args(config, **{"--train-rows": False, "--val-rows": False, "--overwrite": None, "-q": False})
     out = runner.invoke(main, ["train", *args])
     assert out.exit_code == 0, out.output
     assert "the model after step 2 (no validation region)" in out.output
@@ -461,7 +461,7 @@ def test_cli_bad_inputs(runner, tmp_path: Path) -> None:
 
 def test_cli_trains_and_writes_a_model(runner, tmp_path: Path) -> None:
     config = tiny_config(tmp_path)
-    result = runner.invoke(main, ["train", *_args(config, **{"--steps": "4", "--seed": "1"})])
+    result = runner.invoke(main, ["train", *_args(config, **{"--steps": "4", "--seed": "1", "-q": False})])
     assert result.exit_code == 0, result.output
     assert "best validation mIoU" in result.output and "mean IoU" in result.output
     assert read_metadata(config.out).provenance["seed"] == 1
@@ -606,3 +606,16 @@ def test_resume_compares_files_not_spellings(tmp_path: Path, monkeypatch: pytest
     (tmp_path / "copy.tif").write_bytes((tmp_path / "labels.tif").read_bytes())
     with pytest.raises(ConfigError, match=r"settings differ from the interrupted run \(labels: .*copy\.tif"):
         train_model(config.replace(labels=(str(tmp_path / "copy.tif"),)), resume=True)
+
+
+def test_quiet_training_prints_nothing(runner, tmp_path: Path) -> None:
+    config = tiny_config(tmp_path)
+    result = runner.invoke(main, ["train", *_args(config, **{"--steps": "2"})])  # with -q
+    assert result.exit_code == 0 and result.output == "" and Path(config.out).is_file()
+
+
+def test_a_band_count_mismatch_speaks_of_the_flag(runner, tmp_path: Path) -> None:
+    config = tiny_config(tmp_path)
+    assert _cli_error(runner, _args(config, **{"--bands": "1,2,3"})) == (
+        "Error: --bands lists 3 bands but the model takes 4 (red, green, blue, nir; band_names in the config file)"
+    )
