@@ -115,11 +115,13 @@ class ModelMetadata:
             raise ConfigError("normalization std must be positive")
         if norm.method == "scale" and any(not math.isfinite(s) or s == 0 for s in norm.scale):
             raise ConfigError(f"normalization scale must be finite and non-zero, got {list(norm.scale)}")
-        # The suggested tiles must be ones predict accepts (it refuses overlap >= tile / 2).
-        if self.tile_size < 32:
-            raise ConfigError(f"tile size must be at least 32 px, got {self.tile_size}")
-        if not 0 <= self.overlap * 2 < self.tile_size:
-            raise ConfigError(f"overlap must be >= 0 and less than half the tile {self.tile_size}, got {self.overlap}")
+        # Suggested tiles (0 or None: no suggestion) must be ones predict accepts: overlap < tile / 2.
+        if self.tile_size is not None and self.tile_size < 0:
+            raise ConfigError(f"tile size must be positive (0: no suggestion), got {self.tile_size}")
+        if self.overlap is not None and self.overlap < 0:
+            raise ConfigError(f"overlap must be >= 0, got {self.overlap}")
+        if self.tile_size and self.overlap is not None and self.overlap * 2 >= self.tile_size:
+            raise ConfigError(f"overlap {self.overlap} must be less than half the tile {self.tile_size}")
         if not self.classes:
             raise ConfigError("a model needs at least one class")
         ids = [c.id for c in self.classes]

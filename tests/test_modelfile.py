@@ -239,8 +239,8 @@ def _fields(**changes):
         ({"classes": (ClassSpec(70000, "a", "#000000"),)}, "0..65535"),
         ({"classes": (ClassSpec(1, "a", "red"),)}, "#rrggbb"),
         ({"normalization": Normalization("scale", scale=(0.0, 1.0), offset=(0.0, 0.0))}, "finite and non-zero"),
-        ({"tile_size": 0}, "tile size must be at least 32 px, got 0"),
-        ({"tile_size": 100, "overlap": 50}, "less than half the tile 100, got 50"),
+        ({"tile_size": -64}, r"tile size must be positive \(0: no suggestion\), got -64"),
+        ({"tile_size": 100, "overlap": 50}, "overlap 50 must be less than half the tile 100"),
         ({"overlap": -1}, "overlap must be >= 0"),
     ],
 )
