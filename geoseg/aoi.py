@@ -92,6 +92,8 @@ def load_aoi(spec: str | os.PathLike[str], scene: Scene) -> AreaOfInterest:
     geometry = shapely.union_all(geometries)
     if geometry.is_empty or geometry.area == 0:
         raise InputError(f"{label}: the area of interest has no area")
+    if crs is not None:
+        check_lonlat(geometry.bounds, crs, label)
     if crs is None:
         log.warning("%s: no CRS; taking the area of interest to be in the scene's CRS", label)
     elif scene.crs is None:
@@ -183,7 +185,6 @@ def _polygonal(geometry: Any) -> Any:
 def _reproject(geometry: Any, src_crs: Any, dst_crs: Any, label: str) -> Any:
     """The geometry in ``dst_crs``; long edges are densified first so they may curve."""
     shapely = _shapely()
-    from rasterio.errors import CRSError, RasterioError
     from rasterio.warp import transform_geom
 
     xmin, ymin, xmax, ymax = geometry.bounds
@@ -192,9 +193,45 @@ def _reproject(geometry: Any, src_crs: Any, dst_crs: Any, label: str) -> Any:
     densified = shapely.segmentize(geometry, max(xmax - xmin, ymax - ymin) / 512)
     try:
         moved = transform_geom(src_crs, dst_crs, densified.__geo_interface__)
-    except (CRSError, RasterioError, ValueError) as err:
+    except reprojection_errors() as err:
         raise InputError(f"{label}: cannot reproject the area of interest to the scene's CRS ({_first_line(err)})") from err
     return shapely.geometry.shape(moved)
+
+
+def check_lonlat(bounds: tuple[float, float, float, float], crs: Any, label: str) -> None:
+    """Refuse coordinates outside longitude/latitude range in a geographic CRS.
+
+    A GeoJSON without a ``crs`` member is WGS 84 (RFC 7946), but exports of projected layers
+    often hold metres there; PROJ then fails deep inside the reprojection with no hint why.
+
+    Raises:
+        InputError: ``crs`` is geographic and the bounds leave -360..360 (0..360 longitudes
+            are common) or -90..90.
+    """
+    if not getattr(crs, "is_geographic", False):
+        return
+    xmin, ymin, xmax, ymax = bounds
+    if xmin >= -360 and xmax <= 360 and ymin >= -90 - 1e-9 and ymax <= 90 + 1e-9:
+        return
+    shown = ", ".join(f"{v:.6g}" for v in bounds)
+    raise InputError(
+        f"{label}: coordinates ({shown}) are not longitude/latitude, but its CRS is geographic "
+        '(a GeoJSON without a "crs" member is WGS 84); add a crs or reproject the file'
+    )
+
+
+def reprojection_errors() -> tuple[type[BaseException], ...]:
+    """What rasterio's ``transform_geom`` raises for coordinates PROJ cannot move.
+
+    PROJ's own failures come as GDAL's ``CPLE_*`` exceptions, which are not ``RasterioError`` s.
+    """
+    from rasterio.errors import CRSError, RasterioError
+
+    try:
+        from rasterio._err import CPLE_BaseError
+    except ImportError:  # a rasterio that moved it: its errors are RasterioErrors there
+        return (CRSError, RasterioError, ValueError)
+    return (CRSError, RasterioError, ValueError, CPLE_BaseError)
 
 
 def _first_line(err: BaseException) -> str:

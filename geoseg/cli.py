@@ -63,8 +63,12 @@ def _user_errors(quiet: bool = False) -> Iterator[None]:
         except OSError as err:  # disk full, permission denied: the environment, not a bug
             where = f"{err.filename}: " if err.filename else ""
             raise click.ClickException(f"{where}{err.strerror or err}") from None
-        except KeyboardInterrupt:
-            click.echo("Interrupted; no output was written.", err=True)
+        except KeyboardInterrupt as err:
+            # What is on disk by then is for the interrupted library code to say (exception notes);
+            # every output is renamed into place only when complete, so nothing partial remains.
+            notes = getattr(err, "__notes__", None)
+            said = "; ".join(notes) if notes else "no unfinished output was left behind"
+            click.echo(f"Interrupted; {said}.", err=True)
             raise SystemExit(130) from None
         finally:
             signal.signal(signal.SIGTERM, previous)
@@ -233,7 +237,7 @@ def _output_options(f: Callable[..., Any]) -> Callable[..., Any]:
                      help="Polygon simplification tolerance in map units, shared edges kept [0: exact pixel edges]."),
         click.option("--min-area", "vector_min_area", type=click.FloatRange(min=0), default=0.0,
                      help="Drop polygons smaller than this, in square map units [0: keep all]."),
-        click.option("--report", "report", type=click.Path(file_okay=False),
+        click.option("--report", "report", type=click.Path(),
                      help="Also write a static HTML report to this folder (quicklooks, legend, area table)."),
         click.option("--stac", "stac", type=click.Path(dir_okay=False),
                      help="Also write a STAC Item (JSON) describing DST."),
@@ -459,8 +463,30 @@ def _floats(values: tuple[float, ...]) -> str:
     return "[" + ", ".join(f"{v:.6g}" for v in values) + "]"
 
 
+def _arch_override(item: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` with VALUE read as YAML, as in a config file's ``arch_overrides``: ``gelu``,
+    ``64``, ``[8,16,24,32]``; ``8,16,24,32`` is a list too.
+
+    Raises:
+        ConfigError: No ``=``, no key, or VALUE is not valid YAML.
+    """
+    import yaml
+
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--arch-override {item!r}: expected KEY=VALUE")
+    try:
+        value = yaml.safe_load(text)
+        if isinstance(value, str) and "," in value:
+            value = [yaml.safe_load(part) for part in value.split(",")]
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or "not valid YAML"
+        raise ConfigError(f"--arch-override {item!r}: VALUE must be a number, text or list ({problem})") from None
+    return key.strip(), value
+
+
 @main.command("init-model")
-@click.argument("out", type=click.Path(dir_okay=False))
+@click.argument("out")
 @click.option("--arch", default="segformer-b0", show_default=True, help="segformer-b0 ... segformer-b5.")
 @click.option("--bands", default="red,green,blue,nir", show_default=True, help="Input band names, in model order.")
 @click.option("--source-bands", help="Raster band feeding each input by default [1,2,...].")
@@ -487,9 +513,12 @@ def init_model(out: str, arch: str, bands: str, source_bands: str | None, classe
 
         from .config import parse_band_list
         from .errors import ConfigError, OutputError
-        from .modelfile import Normalization, load_classes, new_metadata, save_model
+        from .modelfile import Normalization, check_not_an_input, load_classes, new_metadata, save_model
 
         out_path = Path(out)
+        check_not_an_input(out, {"classes file": classes_file}, option="OUT")
+        if out_path.is_dir():
+            raise OutputError(f"{out}: is a folder; give a file name")
         if out_path.exists() and not overwrite:
             raise OutputError(f"{out}: already exists (use --overwrite to replace it)")
         if not out_path.parent.is_dir():
@@ -497,12 +526,7 @@ def init_model(out: str, arch: str, bands: str, source_bands: str | None, classe
         names = [b.strip() for b in bands.split(",") if b.strip()]
         sources = parse_band_list(source_bands) if source_bands else None
         classes, ignore_index = load_classes(classes_file)
-        overrides: dict[str, Any] = {}
-        for item in arch_override:
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise ConfigError(f"--arch-override {item!r}: expected KEY=VALUE")
-            overrides[key.strip()] = json.loads(f"[{value}]") if "," in value else json.loads(value)
+        overrides = dict(_arch_override(item) for item in arch_override)
         metadata = new_metadata(
             arch,
             names,
@@ -657,7 +681,7 @@ TRAIN_PRECISIONS = ("fp32", "bf16", "auto")
 @click.option("--labels", "labels", multiple=True, help="Class raster on the image's grid, or vector polygons (repeatable).")
 @click.option("--label-attribute", help="Attribute of vector labels holding the class id or name.")
 @click.option("--classes", type=click.Path(dir_okay=False), help="Classes JSON file (ids, names, colours, ignore_index).")
-@click.option("--out", type=click.Path(dir_okay=False), help="Model file to write (the best epoch).")
+@click.option("--out", help="Model file to write (the best epoch).")
 @click.option("--arch", help="SegFormer variant for a new model [segformer-b0].")
 @click.option("--init-model", type=click.Path(dir_okay=False), help="Start from this geoseg model file.")
 @click.option("--pretrained", type=click.Path(dir_okay=False), help="Start from weights in this safetensors file.")
@@ -706,6 +730,8 @@ def train(config_file: str | None, resume: bool, overwrite: bool, verbose: int, 
         config = build_train_config(file_settings, **flags)
         progress = not quiet and sys.stderr.isatty()
         result = train_model(config, resume=resume, overwrite=overwrite, progress=progress)
+        if quiet:  # "only errors": the model file is the result
+            return
         if not result.history:
             click.echo(f"no epoch finished; nothing written (checkpoint: {result.checkpoint})")
             return
@@ -729,10 +755,11 @@ def train(config_file: str | None, resume: bool, overwrite: bool, verbose: int, 
 @click.option("--rows", help="Only rows A:B (B exclusive, 0-based).")
 @click.option("--window", help="Only the window col_off,row_off,width,height (pixels).")
 @click.option("--aoi", type=click.Path(dir_okay=False), help="Only pixels inside these polygons (GeoJSON, GeoPackage).")
-@click.option("--json", "json_file", type=click.Path(dir_okay=False), help="Also write the figures to this JSON file.")
+@click.option("--json", "json_file", help="Also write the figures to this JSON file.")
+@click.option("--overwrite", is_flag=True, help="Replace the --json file if it exists.")
 @_verbosity_options
 def evaluate(pred: str, ref: str, classes: str | None, rows: str | None, window: str | None, aoi: str | None,
-             json_file: str | None, verbose: int, quiet: bool) -> None:
+             json_file: str | None, overwrite: bool, verbose: int, quiet: bool) -> None:
     """Score a class raster PRED against a reference class raster REF on the same grid.
 
     Prints per-class IoU, precision, recall and F1, mean IoU, overall accuracy, Cohen's kappa
@@ -746,23 +773,20 @@ def evaluate(pred: str, ref: str, classes: str | None, rows: str | None, window:
     """
     _configure_logging(verbose, quiet)
     with _user_errors(quiet):
-        from pathlib import Path
-
-        from .errors import OutputError
-        from .evaluate import evaluate_rasters
+        from .evaluate import check_figures_destination, evaluate_rasters, write_figures
         from .labels import ClassMap, parse_region
         from .modelfile import load_classes
 
+        if json_file:
+            inputs = {"the prediction raster (PRED)": pred, "the reference raster (REF)": ref,
+                      "the classes file (--classes)": classes, "the area of interest (--aoi)": aoi}
+            check_figures_destination(json_file, inputs, overwrite)
         region = parse_region(rows, window, aoi)
         class_map = ClassMap(*load_classes(classes)) if classes else None
-        if json_file and not Path(json_file).resolve().parent.is_dir():
-            raise OutputError(f"{json_file}: folder {Path(json_file).resolve().parent} does not exist")
         metrics = evaluate_rasters(pred, ref, class_map, region)
         click.echo(metrics.format_table())
         if json_file:
-            Path(json_file).write_text(
-                metrics.to_json(prediction=pred, reference=ref, region=region.describe()) + "\n"
-            )
+            write_figures(json_file, metrics.to_json(prediction=pred, reference=ref, region=metrics.region) + "\n")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 import rasterio
 
-from .errors import InputError
+from .errors import InputError, OutputError
 from .labels import IGNORE, ClassMap, Grid, Region, open_raster, row_blocks
 from .metrics import Metrics, confusion_matrix
 from .modelfile import ClassSpec
@@ -60,7 +62,7 @@ def evaluate_rasters(
             if classes is None:
                 raise InputError(f"{pred}: no class names in either raster; pass a classes file (--classes)")
         grid = Grid.of(r_src)
-        bound = (region or Region()).on(grid, "evaluation region")
+        bound = (region or Region()).on(grid, f"{ref}: the evaluation region")
         k = classes.num_classes
         confusion = np.zeros((k, k), np.int64)
         for window in row_blocks(bound.bbox, block_rows):
@@ -84,7 +86,53 @@ def evaluate_rasters(
     if confusion.sum() == 0:
         raise InputError(f"{pred}: no pixel is valid in both rasters within the {bound.region.describe()}")
     log.info("evaluated %d pixels of %s against %s (%s)", confusion.sum(), pred, ref, bound.region.describe())
-    return Metrics(confusion, classes.ids, classes.names)
+    return Metrics(confusion, classes.ids, classes.names, region=bound.region.describe())
+
+
+def check_figures_destination(
+    dst: str | os.PathLike[str], inputs: Mapping[str, str | os.PathLike[str] | None], overwrite: bool
+) -> Path:
+    """Refuse a figures file (``evaluate --json``) that cannot or must not be written, before any work.
+
+    Args:
+        dst: The JSON file to write.
+        inputs: What each input is (``"the prediction raster (PRED)"``) -> its path, or None.
+        overwrite: Whether an existing file may be replaced.
+
+    Raises:
+        OutputError: ``dst`` is one of the inputs (even with ``overwrite``), a folder, in a
+            missing folder, or exists without ``overwrite``.
+    """
+    dst = Path(dst)
+    for what, path in inputs.items():
+        if path is None:
+            continue
+        same = os.path.abspath(path) == os.path.abspath(dst)
+        if not same and dst.exists() and Path(path).exists():
+            same = os.path.samefile(path, dst)
+        if same:
+            raise OutputError(f"{dst}: is {what}, an input of this run; choose another file for --json")
+    if not dst.parent.is_dir():
+        raise OutputError(f"{dst}: folder {dst.parent} does not exist")
+    if dst.is_dir():
+        raise OutputError(f"{dst}: is a folder; give a file name")
+    if dst.exists() and not overwrite:
+        raise OutputError(f"{dst}: already exists (use --overwrite to replace it)")
+    return dst
+
+
+def write_figures(dst: str | os.PathLike[str], text: str) -> Path:
+    """Write the figures JSON under a temporary name beside ``dst``, then rename it into place."""
+    from .io import temporary_path
+
+    dst = Path(dst)
+    tmp = temporary_path(dst)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dst
 
 
 def _check_same_grid(

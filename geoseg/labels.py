@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,7 @@ from rasterio.crs import CRS
 from rasterio.errors import CRSError, RasterioError
 from rasterio.windows import Window
 
-from .errors import ConfigError, InputError
+from .errors import ConfigError, GeosegWarning, InputError
 from .modelfile import ClassSpec
 
 IGNORE = 255
@@ -222,6 +223,9 @@ def read_vector(path: str | os.PathLike[str], layer: str | None = None) -> Vecto
 def _read_geojson(path: str) -> VectorData:
     shapely = _shapely()
     doc = json.loads(Path(path).read_text())
+    if not isinstance(doc, dict):
+        raise InputError(f"{path}: not GeoJSON (the top level is a {_json_kind(doc)}, "
+                         "expected a FeatureCollection, Feature or geometry)")
     if doc.get("type") == "FeatureCollection":
         features = doc.get("features") or []
     elif doc.get("type") == "Feature":
@@ -237,6 +241,8 @@ def _read_geojson(path: str) -> VectorData:
             crs = CRS.from_user_input(name)
         except CRSError as err:
             raise InputError(f"{path}: unknown CRS {name!r}") from err
+    if not isinstance(features, list) or not all(isinstance(f, dict) for f in features):
+        raise InputError(f"{path}: not GeoJSON (\"features\" must be a list of Feature objects)")
     geoms, props = [], []
     for feature in features:
         if not feature.get("geometry"):
@@ -244,6 +250,11 @@ def _read_geojson(path: str) -> VectorData:
         geoms.append(shapely.geometry.shape(feature["geometry"]))
         props.append(dict(feature.get("properties") or {}))
     return VectorData(tuple(geoms), tuple(props), crs, path)
+
+
+def _json_kind(value: Any) -> str:
+    """How a JSON value is called in messages: list, string, number, ..."""
+    return {list: "list", str: "string", bool: "boolean", int: "number", float: "number"}.get(type(value), "null")
 
 
 def _read_with_fiona(path: str, layer: str | None) -> VectorData:
@@ -270,16 +281,22 @@ def _read_with_fiona(path: str, layer: str | None) -> VectorData:
 def geometries_on_grid(data: VectorData, grid: Grid) -> list[Any]:
     """The features' geometries in the grid's CRS (unchanged when either CRS is unknown)."""
     shapely = _shapely()
+    if data.crs is not None and data.geometries:
+        from .aoi import check_lonlat
+
+        check_lonlat(tuple(shapely.total_bounds(list(data.geometries))), data.crs, data.path)
     if data.crs is None or grid.crs is None or data.crs == grid.crs:
         return list(data.geometries)
     from rasterio.warp import transform_geom
+
+    from .aoi import reprojection_errors
 
     try:
         return [
             shapely.geometry.shape(transform_geom(data.crs, grid.crs, g.__geo_interface__))
             for g in data.geometries
         ]
-    except (CRSError, ValueError, RasterioError) as err:
+    except reprojection_errors() as err:
         raise InputError(f"{data.path}: cannot reproject to the image CRS ({_first_line(err)})") from err
 
 
@@ -423,6 +440,13 @@ class VectorLabels:
                 f"(use a class id or name from the classes file: {known})"
             )
         geoms = geometries_on_grid(data, grid)
+        if _clip(grid, _geometry_window(grid, geoms)) is None:
+            shapely = _shapely()
+            bounds = ", ".join(f"{v:.6g}" for v in shapely.total_bounds(geoms))
+            raise InputError(
+                f"{path}: the polygons ({bounds} in the image's CRS) do not overlap the "
+                f"{grid.width}x{grid.height} px image"
+            )
         self._index = _ShapeIndex(geoms, values)
 
     def read(self, window: Window) -> npt.NDArray[np.uint8]:
@@ -476,6 +500,10 @@ def row_blocks(window: Window, rows: int) -> Iterator[Window]:
 
 
 RegionKind = Literal["all", "rows", "window", "polygon"]
+
+
+class RegionOutsideError(InputError):
+    """A region lies wholly outside a grid (a training region may miss one image of several)."""
 
 
 @dataclass(frozen=True)
@@ -536,17 +564,27 @@ class Region:
     def on(self, grid: Grid, what: str = "region") -> BoundRegion:
         """Bind to a grid.
 
+        Rows or a window running past the grid are clipped to it, with a warning; the bound
+        region's :attr:`BoundRegion.region` describes the clipped part.
+
         Raises:
-            InputError: The region lies outside the grid (it would be empty).
+            RegionOutsideError: The region lies outside the grid (it would be empty).
+            InputError: The region's polygon file is unreadable or cannot be placed on the grid.
         """
+        region = self
         if self.kind == "rows":
             a, b = self.row_range  # type: ignore[misc]
             bbox = _clip(grid, Window(0, a, grid.width, b - a))
             index = None
+            if bbox is not None and bbox.height != b - a:
+                region = Region("rows", row_range=(int(bbox.row_off), int(bbox.row_off + bbox.height)))
         elif self.kind == "window":
             c, r, w, h = self.window_px  # type: ignore[misc]
             bbox = _clip(grid, Window(c, r, w, h))
             index = None
+            if bbox is not None and (bbox.width, bbox.height) != (w, h):
+                region = Region("window", window_px=(int(bbox.col_off), int(bbox.row_off),
+                                                     int(bbox.width), int(bbox.height)))
         elif self.kind == "polygon":
             geoms = geometries_on_grid(read_vector(self.aoi_path), grid)  # type: ignore[arg-type]
             index = _ShapeIndex(geoms)
@@ -554,10 +592,17 @@ class Region:
         else:
             bbox, index = grid.window, None
         if bbox is None:
-            raise InputError(
+            raise RegionOutsideError(
                 f"{what} ({self.describe()}) lies outside the {grid.width}x{grid.height} px image"
             )
-        return BoundRegion(self, grid, bbox, index)
+        if region is not self:  # a typo such as 1032:14280 should not pass unnoticed
+            warnings.warn(
+                f"{what} ({self.describe()}) runs past the {grid.width}x{grid.height} px image; "
+                f"using {region.describe()}",
+                GeosegWarning,
+                stacklevel=2,
+            )
+        return BoundRegion(region, grid, bbox, index)
 
 
 def parse_region(rows: str | None = None, window: str | None = None, aoi: str | None = None) -> Region:

@@ -71,11 +71,13 @@ class Metrics:
         confusion: ``(K, K)`` counts, rows = reference class, columns = predicted class.
         class_ids: Raster value of each class, in matrix order.
         class_names: Name of each class, in matrix order.
+        region: The part of the grid counted, as scored (rows clipped to the grid), when known.
     """
 
     confusion: npt.NDArray[np.int64]
     class_ids: tuple[int, ...]
     class_names: tuple[str, ...]
+    region: str | None = None
 
     def __post_init__(self) -> None:
         cm = np.asarray(self.confusion, dtype=np.int64)

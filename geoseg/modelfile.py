@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, OutputError
 
 if TYPE_CHECKING:
     import torch
@@ -113,6 +113,15 @@ class ModelMetadata:
             raise ConfigError(f"normalization needs one value per band ({n_bands})")
         if norm.method == "meanstd" and any(s <= 0 for s in norm.std):
             raise ConfigError("normalization std must be positive")
+        if norm.method == "scale" and any(not math.isfinite(s) or s == 0 for s in norm.scale):
+            raise ConfigError(f"normalization scale must be finite and non-zero, got {list(norm.scale)}")
+        # Suggested tiles (0 or None: no suggestion) must be ones predict accepts: overlap < tile / 2.
+        if self.tile_size is not None and self.tile_size < 0:
+            raise ConfigError(f"tile size must be positive (0: no suggestion), got {self.tile_size}")
+        if self.overlap is not None and self.overlap < 0:
+            raise ConfigError(f"overlap must be >= 0, got {self.overlap}")
+        if self.tile_size and self.overlap is not None and self.overlap * 2 >= self.tile_size:
+            raise ConfigError(f"overlap {self.overlap} must be less than half the tile {self.tile_size}")
         if not self.classes:
             raise ConfigError("a model needs at least one class")
         ids = [c.id for c in self.classes]
@@ -159,13 +168,16 @@ def load_classes(path: str | os.PathLike[str]) -> tuple[tuple[ClassSpec, ...], i
         The classes in file order (which becomes the model's output order) and the ignore index.
 
     Raises:
-        ConfigError: The file is missing or malformed.
+        ConfigError: The file is missing or malformed: ids or the ignore index not integers in
+            0..65535, ids or names (compared case-insensitively, as labels match them) repeated,
+            a name that is not text, a colour that is not ``#rrggbb``.
     """
     path = Path(path)
     try:
         data = json.loads(path.read_text())
-        classes = tuple(ClassSpec(id=int(c["id"]), name=str(c["name"]), color=str(c["color"])) for c in data["classes"])
+        entries = data["classes"]
         ignore = data.get("ignore_index")
+        classes = tuple(ClassSpec(id=_class_id(c["id"]), name=c["name"], color=str(c["color"])) for c in entries)
     except OSError as err:
         raise ConfigError(f"{path}: cannot read classes file ({err.strerror or err})") from err
     except (ValueError, KeyError, TypeError) as err:
@@ -175,14 +187,64 @@ def load_classes(path: str | os.PathLike[str]) -> tuple[tuple[ClassSpec, ...], i
     if not classes:
         raise ConfigError(f"{path}: no classes listed")
     ids = [c.id for c in classes]
+    if any(not 0 <= i <= 65535 for i in ids):
+        raise ConfigError(f"{path}: class ids must be integers in 0..65535, got {ids}")
     if len(set(ids)) != len(ids):
         raise ConfigError(f"{path}: class ids are not unique: {ids}")
+    names = [c.name for c in classes]
+    if not all(isinstance(n, str) and n.strip() for n in names):
+        raise ConfigError(f"{path}: class names must be non-empty text, got {names}")
+    folded = [n.strip().casefold() for n in names]
+    repeated = sorted({n for n, f in zip(names, folded, strict=True) if folded.count(f) > 1})
+    if repeated:
+        raise ConfigError(f"{path}: class names are not unique (case is ignored): {repeated}")
     bad = [c.color for c in classes if not _COLOR_RE.match(c.color)]
     if bad:
         raise ConfigError(f"{path}: colours must be #rrggbb, got {bad}")
-    if ignore is not None and ignore in ids:
-        raise ConfigError(f"{path}: ignore_index {ignore} is also a class id")
-    return classes, (int(ignore) if ignore is not None else None)
+    if ignore is not None:
+        try:
+            ignore = _class_id(ignore)
+        except (ValueError, TypeError):
+            raise ConfigError(f"{path}: ignore_index must be an integer in 0..65535, got {ignore!r}") from None
+        if not 0 <= ignore <= 65535:
+            raise ConfigError(f"{path}: ignore_index must be an integer in 0..65535, got {ignore}")
+        if ignore in ids:
+            raise ConfigError(f"{path}: ignore_index {ignore} is also a class id")
+    return classes, ignore
+
+
+def _class_id(value: Any) -> int:
+    """An id as written in JSON: an integer (or a float or text holding one), never a bool or 1.5."""
+    if isinstance(value, bool):
+        raise TypeError(f"class ids are integers, got {value!r}")
+    number = float(value)
+    if not number.is_integer():
+        raise ValueError(f"class ids are integers, got {value!r}")
+    return int(number)
+
+
+def check_not_an_input(out: str | os.PathLike[str], inputs: Mapping[str, Any], option: str = "--out") -> None:
+    """Refuse an output file that is one of the run's inputs (even with ``--overwrite``).
+
+    Args:
+        out: The file to write.
+        inputs: What each input is (``"labels"``) -> a path, a sequence of paths, or None.
+        option: How the user named ``out``, for the message.
+
+    Raises:
+        OutputError: ``out`` is (or is the same file as) an input.
+    """
+    out_path = Path(out)
+    for what, given in inputs.items():
+        paths = [given] if isinstance(given, (str, os.PathLike)) else [p for p in given or () if p is not None]
+        for path in paths:
+            if "://" in os.fspath(path):
+                continue
+            same = os.path.abspath(path) == os.path.abspath(out_path)
+            if not same and out_path.exists() and Path(path).exists():
+                same = os.path.samefile(path, out_path)
+            if same:
+                raise OutputError(f"{out}: {option} is an input of this run ({what}); choose another file")
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
@@ -222,9 +284,34 @@ def save_model(
     tmp = path.with_name(f".{path.name}.geoseg-tmp{os.getpid()}")
     try:
         save_file(tensors, str(tmp), metadata={METADATA_KEY: metadata.to_json()})
+        apply_umask(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def apply_umask(path: str | os.PathLike[str]) -> None:
+    """Give a written file the usual permissions (0666 less the umask), like every other output.
+
+    safetensors creates its files 0600, which a shared model folder or a job running as another
+    user cannot read.
+    """
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (other threads may be
+    creating files meanwhile); elsewhere set and restored at once."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
 
 
 def read_metadata(path: str | os.PathLike[str]) -> ModelMetadata:

@@ -50,15 +50,39 @@ class OutputOptions:
     def __post_init__(self) -> None:
         if self.probabilities_dtype not in ("uint8", "float32"):
             raise ConfigError(f"probabilities dtype must be uint8 or float32, got {self.probabilities_dtype!r}")
-        if self.vector_simplify < 0:
+        if not self.vector_simplify >= 0:  # also NaN, which would act as 0 unnoticed
             raise ConfigError(f"vector simplification tolerance must be >= 0, got {self.vector_simplify!r}")
-        if self.vector_min_area < 0:
+        if not self.vector_min_area >= 0:
             raise ConfigError(f"vector minimum area must be >= 0, got {self.vector_min_area!r}")
+
+    def interrupted_note(self, dst: Path, since: float) -> str:
+        """What exists after an interrupt while the derived outputs (polygons, report, STAC Item)
+        were being made: DST and the streamed outputs, and the derived ones finished at ``since``
+        or later (each appears only complete)."""
+        written = [dst, *(p for p in (self.probabilities, self.confidence, self.stats) if p is not None)]
+        missing = []
+        for path in (self.vector, self.report, self.stac):
+            if path is None:
+                continue
+            try:
+                done = path.stat().st_mtime >= since
+            except OSError:
+                done = False
+            (written if done else missing).append(path)
+        said = f"{', '.join(map(str, written))} {'was' if len(written) == 1 else 'were'} written"
+        if missing:
+            said += f"; {', '.join(map(str, missing))} {'was' if len(missing) == 1 else 'were'} not"
+        return said
 
     def files(self) -> list[Path]:
         """Every output file or folder asked for (to check them all before any work starts)."""
-        return [p for p in (self.probabilities, self.confidence, self.stats, self.vector, self.report, self.stac)
-                if p is not None]
+        return list(self.named_files().values())
+
+    def named_files(self) -> dict[str, Path]:
+        """The outputs asked for, by the option that names each (``--stats``: its path)."""
+        chosen = {"--probabilities": self.probabilities, "--confidence": self.confidence, "--stats": self.stats,
+                  "--vector": self.vector, "--report": self.report, "--stac": self.stac}
+        return {option: path for option, path in chosen.items() if path is not None}
 
 
 def check_output_destinations(outputs: OutputOptions, dst: Path, sources: Sequence[str], overwrite: bool) -> None:
@@ -67,23 +91,23 @@ def check_output_destinations(outputs: OutputOptions, dst: Path, sources: Sequen
     Raises:
         OutputError: An output is the class raster, an input or another output; its folder is
             missing; it exists without ``overwrite``; a polygon or statistics file's extension
-            is unknown.
+            is unknown; the report folder holds an input, another output or anything but an
+            earlier report.
     """
     from .io import check_destination
     from .stats import stats_format
 
     seen = {os.path.abspath(dst): "the class raster"}
-    for path in outputs.files():
+    for option, path in outputs.named_files().items():
         if os.path.abspath(path) in seen:
-            raise OutputError(f"{path}: also given as {seen[os.path.abspath(path)]}; choose another name")
-        seen[os.path.abspath(path)] = str(path)
+            raise OutputError(f"{path}: {option} is also given as {seen[os.path.abspath(path)]}; choose another name")
+        seen[os.path.abspath(path)] = option
         if path == outputs.report:
-            if not path.parent.is_dir():
-                raise OutputError(f"{path}: folder {path.parent} does not exist")
-            if path.exists() and not path.is_dir():
-                raise OutputError(f"{path}: exists and is not a folder; the report is a folder")
-            if path.exists() and not overwrite:
-                raise OutputError(f"{path}: already exists (use --overwrite to replace it)")
+            from .report import check_report_folder
+
+            others = [(p, f"the {name} output") for name, p in outputs.named_files().items() if p != path]
+            check_report_folder(path, overwrite, keep=[(dst, "the class raster"),
+                                                       *((src, "the input") for src in sources), *others])
             continue
         for src in sources:
             check_destination(src, path, overwrite)

@@ -214,7 +214,12 @@ def predict_scene(
             fallback.close()
             fallback.abort()
             raise
-        finish_outputs(dst_path, scene, model, config, outputs, sinks, overwrite=overwrite)
+        finishing = time.time()
+        try:
+            finish_outputs(dst_path, scene, model, config, outputs, sinks, overwrite=overwrite)
+        except KeyboardInterrupt as err:  # DST is in place by now: say so, and what is missing
+            err.add_note(outputs.interrupted_note(dst_path, since=finishing))
+            raise
     if predicted == 0:
         warnings.warn(f"{source.name}: no valid pixel; wrote an all-nodata output", NodataWarning, stacklevel=2)
     return PredictResult(

@@ -31,6 +31,7 @@ from .modelfile import ClassSpec, ModelMetadata
 from .stats import ClassArea, count_raster
 
 QUICKLOOK_PX = 1024
+REPORT_FILES = frozenset({"index.html", "classes.png", "scene.png"})  # all a report folder holds
 STRETCH_PERCENTILES = (2.0, 98.0)
 NATURAL_COLOUR = ("red", "green", "blue")
 
@@ -109,6 +110,67 @@ def write_png(path: Path, rgba: npt.NDArray[np.uint8]) -> None:
             dst.write(rgba)
 
 
+def check_report_folder(
+    dst: str | os.PathLike[str],
+    overwrite: bool,
+    keep: Sequence[tuple[str | os.PathLike[str], str]] = (),
+) -> Path:
+    """Refuse a report folder that cannot be written, or whose replacement would lose anything.
+
+    ``--overwrite`` replaces a folder only when it is an earlier report (it holds nothing but
+    :data:`REPORT_FILES`), since the old folder is deleted whole once the new one is in place.
+
+    Args:
+        dst: The report folder as given.
+        overwrite: Whether an existing report may be replaced.
+        keep: ``(path, what)`` of the run's inputs and other outputs; none may lie inside ``dst``.
+
+    Returns:
+        ``dst`` as an absolute path (``.`` and ``..`` resolved, so it has a name to rename).
+
+    Raises:
+        OutputError: The folder is missing its parent, is a file or a link, is or holds the
+            current folder, holds an input or another output, exists without ``overwrite``, or
+            holds anything besides an earlier report.
+    """
+    given = os.fspath(dst)
+    folder = Path(os.path.abspath(given))
+    if not folder.name:
+        raise OutputError(f"{given}: not a folder a report can be written to; give a new folder's name")
+    if not folder.parent.is_dir():
+        raise OutputError(f"{given}: folder {folder.parent} does not exist")
+    if folder.is_symlink():
+        raise OutputError(f"{given}: is a symbolic link; give the report a folder of its own")
+    if not folder.exists():
+        return folder
+    if not folder.is_dir():
+        raise OutputError(f"{given}: exists and is not a folder; the report is a folder")
+    real = folder.resolve()
+    if Path.cwd().resolve().is_relative_to(real):
+        raise OutputError(f"{given}: is (or holds) the current folder; give the report a folder of its own")
+    for path, what in keep:
+        if _not_local(os.fspath(path)):
+            continue
+        if Path(os.path.abspath(path)).resolve().is_relative_to(real):
+            raise OutputError(f"{given}: holds {what} {os.fspath(path)}; give the report a folder of its own")
+    if not overwrite:
+        raise OutputError(f"{given}: already exists (use --overwrite to replace it)")
+    others = sorted(entry.name for entry in folder.iterdir()
+                    if entry.name not in REPORT_FILES or not entry.is_file() or entry.is_symlink())
+    if others:
+        shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        raise OutputError(
+            f"{given}: holds {shown}, so it is not an earlier geoseg report; "
+            "--overwrite replaces only a report folder; choose another folder"
+        )
+    return folder
+
+
+def _not_local(path: str) -> bool:
+    """A URL, a GDAL virtual path or VRT text: nothing a local folder can hold."""
+    return "://" in path or path.startswith(("/vsi", "<"))
+
+
 def write_report(
     dst: str | os.PathLike[str],
     class_raster: str | os.PathLike[str],
@@ -122,17 +184,16 @@ def write_report(
     """Write the report folder ``dst`` (index.html, classes.png, scene.png) for a finished prediction.
 
     ``table`` is the class-area table when it was counted already (the engine counts it from the
-    finished rows); ``None`` counts it from ``class_raster``. The folder is built as a hidden sibling and renamed into place; with ``overwrite`` an
-    existing folder is replaced only once the new one is complete.
+    finished rows); ``None`` counts it from ``class_raster``. The folder is built as a hidden
+    sibling and renamed into place; with ``overwrite`` an earlier report is replaced only once the
+    new one is complete.
 
     Raises:
-        OutputError: ``dst`` exists (without ``overwrite``) or its parent folder is missing.
+        OutputError: ``dst`` may not be written (see :func:`check_report_folder`).
     """
-    dst = Path(dst)
-    if not dst.parent.is_dir():
-        raise OutputError(f"{dst}: folder {dst.parent} does not exist")
-    if dst.exists() and not (overwrite and dst.is_dir()):
-        raise OutputError(f"{dst}: already exists (use --overwrite to replace it)")
+    given = Path(dst)
+    dst = check_report_folder(dst, overwrite, keep=[(class_raster, "the class raster"),
+                                                     (scene.path, "the input scene")])
     tmp = dst.with_name(f".{dst.name}{TMP_MARKER}{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -167,7 +228,7 @@ def write_report(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return dst
+    return given
 
 
 def _number(value: float | None, per: float, digits: int) -> str:

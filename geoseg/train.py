@@ -52,12 +52,13 @@ from .labels import (
     Grid,
     LabelSource,
     Region,
+    RegionOutsideError,
     open_labels,
     parse_region,
     row_blocks,
 )
 from .metrics import Metrics, confusion_matrix
-from .modelfile import ModelMetadata, Normalization, load_classes
+from .modelfile import ModelMetadata, Normalization, apply_umask, check_not_an_input, load_classes
 
 log = logging.getLogger(__name__)
 
@@ -288,6 +289,15 @@ def train_config_keys() -> list[str]:
     return [f.name for f in dataclasses.fields(TrainConfig)]
 
 
+def yaml_problem(err: Exception) -> str:
+    """A PyYAML error on one line: ``line 2, column 1: expected the node content`` (its own text
+    spans several lines, with a copy of the offending line)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{problem}"
+
+
 def load_train_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read training settings from YAML; relative paths in it are relative to the file's folder.
 
@@ -473,6 +483,14 @@ def train_model(
     ckpt_path, ckpt_json = checkpoint_paths(out)
     if not out.parent.is_dir():
         raise OutputError(f"{out}: folder {out.parent} does not exist")
+    if out.is_dir():
+        raise OutputError(f"{out}: is a folder; give a file name")
+    inputs = {"training image": config.images, "labels": config.labels, "classes file": config.classes,
+              "init model": config.init_model, "pretrained weights": config.pretrained,
+              "training polygons": config.train_aoi, "validation polygons": config.val_aoi}
+    check_not_an_input(out, inputs)
+    for written in (ckpt_path, ckpt_json):  # also written, beside --out
+        check_not_an_input(written, inputs, option="the checkpoint of --out")
     state = None
     if resume:
         state = _read_checkpoint_state(ckpt_json, config)
@@ -536,7 +554,8 @@ def _initial_model(config: TrainConfig, class_map: ClassMap) -> tuple[ModelMetad
         source_bands = config.bands or tuple(b.source_band for b in meta.bands)
         if len(source_bands) != len(meta.bands):
             raise ConfigError(
-                f"bands lists {len(source_bands)} bands but {config.init_model} has {len(meta.bands)} inputs"
+                f"--bands lists {len(source_bands)} bands but {config.init_model} takes {len(meta.bands)} "
+                f"({', '.join(b.name for b in meta.bands)})"
             )
         meta = dataclasses.replace(
             meta,
@@ -566,7 +585,10 @@ def _initial_model(config: TrainConfig, class_map: ClassMap) -> tuple[ModelMetad
         return meta, weights
     band_names = config.band_names
     if config.bands is not None and len(config.bands) != len(band_names):
-        raise ConfigError(f"bands lists {len(config.bands)} bands but band_names has {len(band_names)}")
+        raise ConfigError(
+            f"--bands lists {len(config.bands)} bands but the model takes {len(band_names)} "
+            f"({', '.join(band_names)}; band_names in the config file)"
+        )
     meta = new_metadata(
         config.arch,
         band_names,
@@ -626,8 +648,9 @@ def _scan(config: TrainConfig, class_map: ClassMap, meta: ModelMetadata) -> _Dat
             image = _ImageData(image_path, scene, grid, labels, None, None)
             images.append(image)
             image.src = rasterio.open(image_path)
-            image.val = _bind_optional(val_region, grid) if val_region is not None else None
-            image.train = _bind_optional(config.train_region, grid)
+            image.val = (_bind_optional(val_region, grid, f"{image_path}: the validation region")
+                         if val_region is not None else None)
+            image.train = _bind_optional(config.train_region, grid, f"{image_path}: the training region")
             if image.val is not None:
                 val_pixels += _count_labelled(image, image.val)
             if image.train is None:
@@ -686,11 +709,11 @@ def _scan(config: TrainConfig, class_map: ClassMap, meta: ModelMetadata) -> _Dat
     return dataset
 
 
-def _bind_optional(region: Region, grid: Grid) -> BoundRegion | None:
+def _bind_optional(region: Region, grid: Grid, what: str) -> BoundRegion | None:
     """Bind a region, or ``None`` when it misses this image (one of several)."""
     try:
-        return region.on(grid)
-    except InputError:
+        return region.on(grid, what)
+    except RegionOutsideError:  # an unreadable polygon file is still an error
         return None
 
 
@@ -705,6 +728,9 @@ def _count_labelled(image: _ImageData, region: BoundRegion) -> int:
 
 def _check_dataset(config: TrainConfig, data: _Dataset, count: int, val_pixels: int) -> None:
     where = ", ".join(config.images)
+    if config.has_validation and all(im.val is None for im in data.images):
+        sizes = ", ".join(f"{im.path} ({im.grid.width}x{im.grid.height} px)" for im in data.images)
+        raise InputError(f"the validation region ({config.val_region.describe()}) lies outside {sizes}")
     if config.has_validation and val_pixels == 0:
         raise InputError(
             f"{where}: the validation region ({config.val_region.describe()}) holds no labelled pixel; "
@@ -1001,6 +1027,7 @@ def _fit(
     epochs_run = 0
     running: list[float] = []
     latest_miou = history[-1].val_miou if history else float("nan")
+    checkpointed = step if resume_state is not None else None  # the step the checkpoint on disk holds
     try:
         while step < config.steps and (max_epochs is None or epochs_run < max_epochs):
             epoch_started = time.perf_counter()
@@ -1079,8 +1106,17 @@ def _fit(
             _write_checkpoint(
                 ckpt_path, ckpt_json, config, network, optimizer, rng, step, epoch, best, history
             )
+            checkpointed = step
             if on_epoch is not None:
                 on_epoch(record)
+    except KeyboardInterrupt as err:
+        if checkpointed is not None:  # say what is on disk (the CLI prints notes with its message)
+            what = (f"the best epoch so far (epoch {best['epoch']}, step {best['step']})"
+                    if config.has_validation else f"the model after step {best['step']}")
+            err.add_note(f"{out} holds {what}; its checkpoint continues from step {checkpointed} with --resume")
+        else:
+            err.add_note(f"no epoch had finished; {out} was not written")
+        raise
     finally:
         bar.close()
     best_metrics = None
@@ -1294,6 +1330,7 @@ def _write_checkpoint(
     tmp = ckpt_path.with_name(f".{ckpt_path.name}.tmp{os.getpid()}")
     try:
         save_file(tensors, str(tmp), metadata={"token": token})
+        apply_umask(tmp)
         os.replace(tmp, ckpt_path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -1307,6 +1344,7 @@ def _write_checkpoint(
         "history": [dataclasses.asdict(r) for r in history],
         "numpy_rng": rng.bit_generator.state,
         "config": config.to_dict(),
+        "paths": _resolved_paths(config),
         "geoseg_version": __version__,
     }
     tmp_json = ckpt_json.with_name(f".{ckpt_json.name}.tmp{os.getpid()}")
@@ -1327,9 +1365,12 @@ def _read_checkpoint_state(ckpt_json: Path, config: TrainConfig) -> dict[str, An
     if state.get("format") != "geoseg-train-checkpoint":
         raise CheckpointError(f"{ckpt_json}: not a geoseg training checkpoint")
     saved, now = state.get("config", {}), json.loads(json.dumps(config.to_dict()))
-    changed = sorted(
-        k for k in set(saved) | set(now) if k not in _RESUMABLE_CHANGES and saved.get(k) != now.get(k)
-    )
+    same_anyway = set(_RESUMABLE_CHANGES)
+    if "paths" in state:  # files compare by where they are, not as typed (another folder, absolute paths)
+        saved_paths, now_paths = state["paths"], _resolved_paths(config)
+        same_anyway |= {k for k in now_paths if saved_paths.get(k) == now_paths[k]}
+        saved, now = {**saved, **saved_paths}, {**now, **now_paths}
+    changed = sorted(k for k in set(saved) | set(now) if k not in same_anyway and saved.get(k) != now.get(k))
     if changed:
         details = "; ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:5])
         raise ConfigError(
@@ -1337,6 +1378,20 @@ def _read_checkpoint_state(ckpt_json: Path, config: TrainConfig) -> dict[str, An
             "resume with the same settings"
         )
     return state
+
+
+def _resolved_paths(config: TrainConfig) -> dict[str, Any]:
+    """The run's input files as absolute, link-free paths (URLs and GDAL paths as given)."""
+
+    def resolve(path: str) -> str:
+        return path if "://" in path or path.startswith("/vsi") else os.path.realpath(path)
+
+    settings = config.to_dict()
+    return {
+        key: None if settings[key] is None else
+        [resolve(v) for v in settings[key]] if isinstance(settings[key], list) else resolve(settings[key])
+        for key in _PATH_KEYS if key != "out"
+    }
 
 
 def _restore(

@@ -199,8 +199,11 @@ def test_a_layer_without_a_crs_is_taken_to_be_in_the_scene_crs(tmp_path: Path, m
         (lambda d: str(write_vector(d / "flat.gpkg", [shapely.Polygon([(X0, Y0), (X0 + 50, Y0), (X0 + 90, Y0), (X0, Y0)])],
                                     "EPSG:32618")),
          "has no area"),
+        (lambda d: json.dumps({"type": "Polygon", "coordinates": [[[X0, Y0], [X0 + 90, Y0], [X0 + 90, Y0 - 90],
+                                                                   [X0, Y0]]]}),
+         'are not longitude/latitude, but its CRS is geographic (a GeoJSON without a "crs" member is WGS 84)'),
     ],
-    ids=["misses-the-scene", "unreadable", "missing", "bad-geojson", "points", "zero-area"],
+    ids=["misses-the-scene", "unreadable", "missing", "bad-geojson", "points", "zero-area", "metres-without-crs"],
 )
 def test_bad_areas_are_one_line_errors_and_write_nothing(
     tmp_path: Path, make_scene, tiny_model_file: Path, runner, make_aoi: Any, fragment: str

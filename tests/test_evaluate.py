@@ -193,6 +193,54 @@ def test_cli_table_and_json(runner, tmp_path: Path, pair: tuple[str, str, np.nda
     assert data["confusion_matrix"]["counts"] == brute_confusion(pred[:20], ref[:20], valid).tolist()
 
 
+def test_cli_json_destination_rules(runner, tmp_path: Path, pair: tuple[str, str, np.ndarray, np.ndarray]) -> None:
+    """--json follows the rules of every output: never an input, never an existing file without
+    --overwrite, written under a temporary name; a refused file is left as it was."""
+    pred_path, ref_path, _, _ = pair
+    classes = tmp_path / "classes.json"
+    classes.write_text(json.dumps(CLASSES_JSON))
+    base = ["evaluate", pred_path, ref_path, "--classes", str(classes), "-q"]
+    for target, what in ((ref_path, "the reference raster (REF)"), (pred_path, "the prediction raster (PRED)"),
+                         (str(classes), "the classes file (--classes)")):
+        before = Path(target).read_bytes()
+        result = runner.invoke(main, [*base, "--json", target, "--overwrite"])
+        assert result.exit_code == 1
+        assert result.output.strip() == (
+            f"Error: {target}: is {what}, an input of this run; choose another file for --json"
+        )
+        assert Path(target).read_bytes() == before
+    existing = tmp_path / "scores.json"
+    existing.write_text("earlier figures")
+    result = runner.invoke(main, [*base, "--json", str(existing)])
+    assert result.exit_code == 1
+    assert result.output.strip() == f"Error: {existing}: already exists (use --overwrite to replace it)"
+    assert existing.read_text() == "earlier figures"
+    result = runner.invoke(main, [*base, "--json", str(tmp_path)])
+    assert result.exit_code == 1 and result.output.strip() == f"Error: {tmp_path}: is a folder; give a file name"
+    result = runner.invoke(main, [*base, "--json", str(existing), "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(existing.read_text())["reference"] == ref_path
+    assert [p.name for p in tmp_path.glob(".*")] == []  # no temporary left behind
+
+
+def test_write_figures_leaves_nothing_when_interrupted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The figures file appears only complete: a failure before the rename leaves the old file and no temporary."""
+    import os
+
+    from geoseg.evaluate import write_figures
+
+    dst = tmp_path / "scores.json"
+    dst.write_text("old")
+
+    def interrupted(src: object, dst: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_figures(dst, '{"new": 1}')
+    assert dst.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["scores.json"]
+
+
 def test_cli_errors_are_one_line(runner, tmp_path: Path) -> None:
     values = np.ones((10, 12), np.uint8)
     ref = write(tmp_path / "ref.tif", values)
@@ -215,3 +263,27 @@ def test_cli_errors_are_one_line(runner, tmp_path: Path) -> None:
         assert "Traceback" not in result.output
     result = runner.invoke(main, ["evaluate", other, ref, "--classes", str(classes)])
     assert "other.tif" in result.output and "CRS" in result.output
+
+
+def test_rows_past_the_grid_are_clipped_with_a_warning_and_recorded(
+    runner, tmp_path: Path, pair: tuple[str, str, np.ndarray, np.ndarray]
+) -> None:
+    pred_path, ref_path, pred, ref = pair
+    height, width = ref.shape
+    classes = tmp_path / "classes.json"
+    classes.write_text(json.dumps(CLASSES_JSON))
+    out = tmp_path / "scores.json"
+    result = runner.invoke(main, ["evaluate", pred_path, ref_path, "--classes", str(classes), "--rows",
+                                  f"5:{height + 1000}", "--json", str(out), "-q"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["region"] == f"rows 5:{height}"
+    valid = (ref[5:] != 0) & (pred[5:] != 255)
+    assert data["pixels"] == int(valid.sum())
+    with pytest.warns(UserWarning, match=rf"^{ref_path}: the evaluation region \(window 2,3,999,4\) runs past "
+                      rf"the {width}x{height} px image; using window 2,3,{width - 2},4$"):
+        metrics = evaluate_rasters(pred_path, ref_path, CLASSES, Region.window("2,3,999,4"))
+    assert metrics.region == f"window 2,3,{width - 2},4"
+    with pytest.raises(InputError, match=rf"^{ref_path}: the evaluation region \(rows {height}:{height + 5}\) "
+                       rf"lies outside the {width}x{height} px image$"):
+        evaluate_rasters(pred_path, ref_path, CLASSES, Region.rows(f"{height}:{height + 5}"))

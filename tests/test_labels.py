@@ -224,8 +224,10 @@ def test_regions(tmp_path: Path) -> None:
     mask = rows.mask(Window(0, 0, 40, 30))
     assert mask[5:12].all() and not mask[:5].any() and not mask[12:].any()
     assert rows.intersects(Window(0, 10, 8, 8)) and not rows.intersects(Window(0, 12, 8, 8))
-    win = Region.window("30,25,20,20").on(GRID)  # clipped to the grid
+    with pytest.warns(UserWarning, match=r"runs past the 40x30 px image; using window 30,25,10,5"):
+        win = Region.window("30,25,20,20").on(GRID)  # clipped to the grid, and recorded so
     assert (win.bbox.col_off, win.bbox.row_off, win.bbox.width, win.bbox.height) == (30, 25, 10, 5)
+    assert win.region.describe() == "window 30,25,10,5"
     aoi = write_geojson(tmp_path / "aoi.geojson", [(pixel_box(3, 4, 9, 6), {})])
     poly = Region.aoi(aoi).on(GRID)
     mask = poly.mask(GRID.window)
@@ -252,3 +254,69 @@ def test_parse_region() -> None:
         parse_region(rows="0:4", window="0,0,4,4")
     with pytest.raises(ConfigError, match="window must be"):
         parse_region(window="0,0,0,4")
+
+
+PROJECTED_NO_CRS = {  # UTM metres in a GeoJSON without "crs": read as WGS 84, as RFC 7946 says
+    "type": "FeatureCollection",
+    "features": [{"type": "Feature", "properties": {"lc": 2}, "geometry": {"type": "Polygon", "coordinates": [
+        [[500000, 4199500], [500500, 4199500], [500500, 4200000], [500000, 4200000], [500000, 4199500]]]}}],
+}
+
+
+@needs_fiona
+@pytest.mark.parametrize("content", [PROJECTED_NO_CRS, []], ids=["projected-without-crs", "top-level-list"])
+@pytest.mark.parametrize("command", ["train --labels", "train --val-aoi", "evaluate --aoi", "predict --aoi"])
+def test_bad_geojson_is_a_one_line_error_everywhere(
+    command: str, content: Any, runner: Any, make_scene: Any, tiny_model_file: Path, tmp_path: Path
+) -> None:
+    """Each place reading polygons names the file and the problem instead of a PROJ traceback."""
+    from geoseg.cli import main
+
+    bad = tmp_path / "bad.geojson"
+    bad.write_text(json.dumps(content))
+    scene = make_scene()
+    with rasterio.open(scene) as src:
+        profile = src.profile | {"count": 1, "dtype": "uint8"}
+    labels = tmp_path / "labels.tif"
+    with rasterio.open(labels, "w", **profile) as dst:
+        dst.write(np.full((profile["height"], profile["width"]), 2, np.uint8), 1)
+    classes = tmp_path / "classes.json"
+    classes.write_text(json.dumps({"classes": [{"id": c.id, "name": c.name, "color": c.color}
+                                               for c in CLASSES.classes]}))
+    train = ["train", "--image", str(scene), "--classes", str(classes), "--steps", "1", "--window-px", "32",
+             "--out", str(tmp_path / "m.safetensors"), "-q"]
+    args = {
+        "train --labels": [*train, "--labels", str(bad), "--label-attribute", "lc"],
+        "train --val-aoi": [*train, "--labels", str(labels), "--val-aoi", str(bad)],
+        "evaluate --aoi": ["evaluate", str(labels), str(labels), "--classes", str(classes), "--aoi", str(bad)],
+        "predict --aoi": ["predict", str(scene), str(tmp_path / "lc.tif"), "--model", str(tiny_model_file),
+                          "--aoi", str(bad), "-q"],
+    }[command]
+    result = runner.invoke(main, args)
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"Error: {bad}: "), result.output
+    if content:
+        assert "are not longitude/latitude" in lines[0] and 'without a "crs"' in lines[0]
+    elif command != "predict --aoi":  # predict reads areas of interest through GDAL, which says it cannot
+        assert "the top level is a list" in lines[0]
+
+
+def test_reprojection_failures_are_input_errors() -> None:
+    """PROJ's own errors (rasterio's CPLE_* family, not RasterioErrors) become one-line InputErrors."""
+    shapely = pytest.importorskip("shapely")
+    from geoseg.labels import VectorData, geometries_on_grid
+
+    # UTM coordinates far outside the projection's domain, placed on a lon/lat grid.
+    far = VectorData((shapely.box(1e8, 1e8, 1.1e8, 1.1e8),), ({},), CRS.from_string(CRS_UTM), "far.gpkg")
+    lonlat = Grid(40, 30, CRS.from_epsg(4326), Affine(0.001, 0, -75, 0, -0.001, 40))
+    with pytest.raises(InputError, match=r"^far.gpkg: cannot reproject to the image CRS \(.*domain"):
+        geometries_on_grid(far, lonlat)
+
+
+def test_polygons_that_miss_the_image_are_blamed_on_the_label_file(tmp_path: Path) -> None:
+    far = write_geojson(tmp_path / "far.geojson", [(pixel_box(1000, 1000, 1010, 1010), {"cls": 1})])
+    with pytest.raises(InputError, match=r"^.*far\.geojson: the polygons \(.*\) do not overlap the 40x30 px image$"):
+        open_labels(far, GRID, CLASSES, "cls")
+    near = write_geojson(tmp_path / "near.geojson", [(pixel_box(35, 25, 45, 35), {"cls": 1})])  # partly inside
+    assert (open_labels(near, GRID, CLASSES, "cls").read(GRID.window) != IGNORE).sum() == 5 * 5

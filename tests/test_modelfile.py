@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from geoseg.errors import CheckpointError, ConfigError
+from geoseg.errors import CheckpointError, ConfigError, OutputError
 from geoseg.modelfile import (
     METADATA_KEY,
     BandSpec,
@@ -20,6 +20,7 @@ from geoseg.modelfile import (
     Normalization,
     build_network,
     file_sha256,
+    check_not_an_input,
     load_classes,
     load_model,
     new_metadata,
@@ -237,6 +238,10 @@ def _fields(**changes):
         ({"classes": (ClassSpec(1, "a", "#000000"), ClassSpec(1, "b", "#000000"))}, "unique"),
         ({"classes": (ClassSpec(70000, "a", "#000000"),)}, "0..65535"),
         ({"classes": (ClassSpec(1, "a", "red"),)}, "#rrggbb"),
+        ({"normalization": Normalization("scale", scale=(0.0, 1.0), offset=(0.0, 0.0))}, "finite and non-zero"),
+        ({"tile_size": -64}, r"tile size must be positive \(0: no suggestion\), got -64"),
+        ({"tile_size": 100, "overlap": 50}, "overlap 50 must be less than half the tile 100"),
+        ({"overlap": -1}, "overlap must be >= 0"),
     ],
 )
 def test_metadata_validation(changes: dict, message: str) -> None:
@@ -290,6 +295,16 @@ def test_load_classes(tmp_path: Path, shared_data: Path) -> None:
         ),
         ('{"classes": [{"id": 1, "name": "a", "color": "black"}]}', "#rrggbb"),
         ('{"ignore_index": 1, "classes": [{"id": 1, "name": "a", "color": "#000000"}]}', "also a class id"),
+        ('{"ignore_index": "x", "classes": [{"id": 1, "name": "a", "color": "#000000"}]}',
+         r"ignore_index must be an integer in 0\.\.65535, got 'x'"),
+        ('{"ignore_index": 70000, "classes": [{"id": 1, "name": "a", "color": "#000000"}]}',
+         "ignore_index must be an integer"),
+        ('{"classes": [{"id": -1, "name": "a", "color": "#000000"}]}', r"class ids must be integers in 0\.\.65535"),
+        ('{"classes": [{"id": 1.5, "name": "a", "color": "#000000"}]}', "class ids are integers, got 1.5"),
+        ('{"classes": [{"id": true, "name": "a", "color": "#000000"}]}', "class ids are integers"),
+        ('{"classes": [{"id": 1, "name": "Water", "color": "#000000"}, '
+         '{"id": 2, "name": "water ", "color": "#000000"}]}', r"class names are not unique \(case is ignored\)"),
+        ('{"classes": [{"id": 1, "name": null, "color": "#000000"}]}', "class names must be non-empty text"),
     ],
 )
 def test_bad_classes_files(tmp_path: Path, content: str, message: str) -> None:
@@ -303,3 +318,34 @@ def test_bad_classes_files(tmp_path: Path, content: str, message: str) -> None:
 def test_missing_classes_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read classes file"):
         load_classes(tmp_path / "missing.json")
+
+
+def test_model_files_follow_the_umask(tmp_path: Path, tiny_metadata) -> None:
+    """safetensors creates 0600 files; a model is written with 0666 less the umask, like other outputs."""
+    import os
+    import stat
+
+    meta = tiny_metadata()
+    network = build_network(meta)
+    previous = os.umask(0o022)
+    try:
+        save_model(tmp_path / "shared.safetensors", network.state_dict(), meta)
+        os.umask(0o077)
+        save_model(tmp_path / "private.safetensors", network.state_dict(), meta)
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "shared.safetensors").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "private.safetensors").stat().st_mode) == 0o600
+
+
+def test_an_output_may_not_be_an_input(tmp_path: Path) -> None:
+    classes = tmp_path / "classes.json"
+    classes.write_text("{}")
+    check_not_an_input(tmp_path / "model.safetensors", {"classes file": str(classes), "labels": ["a.tif", None]})
+    for given in (classes, tmp_path / "." / "classes.json"):
+        with pytest.raises(OutputError, match=r"--out is an input of this run \(classes file\); choose another file"):
+            check_not_an_input(given, {"classes file": str(classes)})
+    link = tmp_path / "link.json"
+    link.symlink_to(classes)
+    with pytest.raises(OutputError, match=r"OUT is an input of this run \(labels\)"):
+        check_not_an_input(link, {"labels": [str(tmp_path / "x.tif"), str(classes)]}, option="OUT")

@@ -19,7 +19,7 @@ import geoseg.io
 import geoseg.pipeline
 from geoseg.cli import main
 from geoseg.config import PredictConfig
-from geoseg.errors import OutputError
+from geoseg.errors import ConfigError, OutputError
 from geoseg.modelfile import ClassSpec, Normalization
 from geoseg.outputs import OutputOptions
 from geoseg.pipeline import predict_scene
@@ -428,3 +428,42 @@ def test_cog_from_a_preset_with_zstd(tmp_path: Path, make_scene, tiny_model_file
 def cogeo() -> Any:
     """rio-cogeo's validator (geoseg[cog]); the test skips where it is not installed."""
     return pytest.importorskip("rio_cogeo.cogeo")
+
+
+def test_an_interrupt_while_making_derived_outputs_names_what_was_written(
+    runner: Any, make_scene: Any, tiny_model_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The class raster is in place before polygons, report and STAC Item are made: Ctrl-C then
+    must not claim that nothing was written."""
+    import geoseg.report
+    from geoseg.cli import main
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(geoseg.report, "write_report", interrupted)
+    scene = make_scene()
+    out, stats, vector, report, stac = (tmp_path / name for name in ("lc.tif", "a.json", "lc.geojson", "rep", "lc.json"))
+    result = runner.invoke(main, ["predict", str(scene), str(out), "--model", str(tiny_model_file), "-q",
+                                  "--stats", str(stats), "--vector", str(vector), "--report", str(report),
+                                  "--stac", str(stac)])
+    assert result.exit_code == 130
+    assert result.output.strip().splitlines()[-1] == (
+        f"Interrupted; {out}, {stats}, {vector} were written; {report}, {stac} were not."
+    )
+    assert out.is_file() and stats.is_file() and vector.is_file() and not report.exists() and not stac.exists()
+
+
+def test_one_file_for_two_outputs_names_both_options(tmp_path: Path, make_scene, tiny_model_file: Path, runner) -> None:
+    src = make_scene(width=70, height=70)
+    p = tmp_path / "p.tif"
+    result = runner.invoke(main, ["predict", str(src), str(tmp_path / "c.tif"), "--model", str(tiny_model_file),
+                                  "--probabilities", str(p), "--confidence", str(p)])
+    assert result.exit_code == 1
+    assert result.output.strip() == f"Error: {p}: --confidence is also given as --probabilities; choose another name"
+
+
+@pytest.mark.parametrize("field", ["vector_simplify", "vector_min_area"])
+def test_nan_tolerances_are_refused(field: str) -> None:
+    with pytest.raises(ConfigError, match="must be >= 0, got nan"):
+        OutputOptions(vector=Path("v.gpkg"), **{field: float("nan")})

@@ -148,11 +148,79 @@ def test_report_destination_errors(runner: Any, make_scene: Any, tiny_model_file
     a_file = tmp_path / "file"
     a_file.write_text("")
     result = runner.invoke(main, [*base, "--report", str(a_file), "--overwrite"])
-    assert result.exit_code == 2 and f"'{a_file}' is a file" in result.output  # click's own check
+    assert result.exit_code == 1
+    assert result.output.strip() == f"Error: {a_file}: exists and is not a folder; the report is a folder"
     result = runner.invoke(main, [*base, "--report", str(tmp_path / "no" / "report")])
     assert result.exit_code == 1 and "does not exist" in result.output
     assert not out.exists()
-    # --overwrite replaces the whole folder once the new one is complete.
+    # --overwrite replaces an earlier report once the new one is complete.
+    (existing / "old.txt").unlink()
+    for name in ("index.html", "classes.png", "scene.png"):
+        (existing / name).write_text("an earlier report")
     result = runner.invoke(main, [*base, "--report", str(existing), "--overwrite"])
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in existing.iterdir()) == ["classes.png", "index.html", "scene.png"]
+    assert "an earlier report" not in (existing / "index.html").read_text()
+    assert [p.name for p in tmp_path.glob(".*")] == []
+
+
+def test_report_overwrite_never_deletes_other_files(
+    runner: Any, make_scene: Any, tiny_model_file: Path, tmp_path: Path
+) -> None:
+    """--overwrite replaces only an earlier report: a folder holding anything else, DST or the
+    input is refused before any work, and nothing in it is touched."""
+    from geoseg.cli import main
+
+    scene = make_scene()
+    results = tmp_path / "results"
+    (results / "sub").mkdir(parents=True)
+    (results / "thesis.docx").write_text("years of work")
+    (results / "index.html").write_text("not ours")
+    out = tmp_path / "out.tif"
+    model = ["--model", str(tiny_model_file), "-q", "--overwrite"]
+
+    result = runner.invoke(main, ["predict", str(scene), str(out), "--report", str(results), *model])
+    assert result.exit_code == 1
+    assert result.output.strip() == (
+        f"Error: {results}: holds sub, thesis.docx, so it is not an earlier geoseg report; "
+        "--overwrite replaces only a report folder; choose another folder"
+    )
+    assert sorted(p.name for p in results.iterdir()) == ["index.html", "sub", "thesis.docx"]
+    assert not out.exists()  # refused before any work
+
+    # The report folder holds DST (not yet written) or the input scene: refused even when empty otherwise.
+    holder = tmp_path / "holder"
+    holder.mkdir()
+    inside = holder / "lc.tif"
+    result = runner.invoke(main, ["predict", str(scene), str(inside), "--report", str(holder), *model])
+    assert result.exit_code == 1
+    assert result.output.strip() == (
+        f"Error: {holder}: holds the class raster {inside}; give the report a folder of its own"
+    )
+    assert not inside.exists()
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    moved = shutil.copy(scene, inputs / "scene.tif")
+    result = runner.invoke(main, ["predict", str(moved), str(out), "--report", str(inputs), *model])
+    assert result.exit_code == 1
+    assert result.output.strip() == f"Error: {inputs}: holds the input {moved}; give the report a folder of its own"
+    assert sorted(p.name for p in inputs.iterdir()) == ["scene.tif"] and not out.exists()
+
+
+@pytest.mark.parametrize("folder", [".", "..", "/"])
+def test_report_odd_folders_are_one_line_errors(
+    folder: str, runner: Any, make_scene: Any, tiny_model_file: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from geoseg.cli import main
+
+    scene = make_scene()
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    out = tmp_path / "lc.tif"
+    result = runner.invoke(main, ["predict", str(scene), str(out), "--model", str(tiny_model_file), "-q",
+                                  "--report", folder, "--overwrite"])
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith(f"Error: {folder}: ") and len(result.output.strip().splitlines()) == 1
+    assert not out.exists() and work.is_dir()

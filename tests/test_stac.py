@@ -136,7 +136,7 @@ def test_stac_destination_errors(runner: Any, make_scene: Any, tiny_model_file: 
     assert result.output.strip() == f"Error: {tmp_path / 'no' / 'item.json'}: folder {tmp_path / 'no'} does not exist"
     result = runner.invoke(main, [*base, "--stac", str(out)])
     assert result.exit_code == 1
-    assert result.output.strip() == f"Error: {out}: also given as the class raster; choose another name"
+    assert result.output.strip() == f"Error: {out}: --stac is also given as the class raster; choose another name"
     result = runner.invoke(main, [*base, "--stac", str(scene)])
     assert result.exit_code == 1 and "destination is the input scene" in result.output
     assert not out.exists()

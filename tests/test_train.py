@@ -193,7 +193,7 @@ def test_without_validation_the_last_step_is_written(runner, tmp_path: Path) -> 
     again = load_model(interrupted.out).module.state_dict()
     for name, value in model.module.state_dict().items():
         torch.testing.assert_close(again[name], value, rtol=1e-5, atol=1e-6, msg=name)
-    args = _args(config, **{"--train-rows": False, "--val-rows": False, "--overwrite": None})
+    args = _args(config, **{"--train-rows": False, "--val-rows": False, "--overwrite": None, "-q": False})
     out = runner.invoke(main, ["train", *args])
     assert out.exit_code == 0, out.output
     assert "the model after step 2 (no validation region)" in out.output
@@ -451,8 +451,8 @@ def test_cli_bad_inputs(runner, tmp_path: Path) -> None:
     assert "validation region (window 0,0,3,3) holds no labelled pixel" in _cli_error(
         runner, _args(config, **{"--val-rows": False, "--val-window": "0,0,3,3", "--train-rows": "20:160"})
     )
-    assert "validation region (rows 500:600) holds no labelled pixel" in _cli_error(
-        runner, _args(config, **{"--val-rows": "500:600"})
+    assert _cli_error(runner, _args(config, **{"--val-rows": "500:600"})) == (
+        f"Error: the validation region (rows 500:600) lies outside {config.images[0]} (128x160 px)"
     )
     # output exists
     Path(config.out).write_text("x")
@@ -461,9 +461,161 @@ def test_cli_bad_inputs(runner, tmp_path: Path) -> None:
 
 def test_cli_trains_and_writes_a_model(runner, tmp_path: Path) -> None:
     config = tiny_config(tmp_path)
-    result = runner.invoke(main, ["train", *_args(config, **{"--steps": "4", "--seed": "1"})])
+    result = runner.invoke(main, ["train", *_args(config, **{"--steps": "4", "--seed": "1", "-q": False})])
     assert result.exit_code == 0, result.output
     assert "best validation mIoU" in result.output and "mean IoU" in result.output
     assert read_metadata(config.out).provenance["seed"] == 1
     result = runner.invoke(main, ["train", *_args(config, **{"--steps": "4", "--seed": "1"}), "--resume"])
     assert result.exit_code == 0, result.output  # already finished: nothing more to do
+
+
+def test_out_may_not_be_an_input_even_with_overwrite(runner, tmp_path: Path) -> None:
+    """train --out and init-model OUT never replace an input of the run (as predict refuses DST == SRC)."""
+    config = tiny_config(tmp_path)
+    for option, value in (("--labels", config.labels[0]), ("--image", config.images[0]), ("--classes", config.classes)):
+        before = Path(value).read_bytes()
+        msg = _cli_error(runner, [*_args(config, **{"--out": value}), "--overwrite"])
+        assert msg.startswith(f"Error: {value}: --out is an input of this run (")
+        assert Path(value).read_bytes() == before
+    # the checkpoint pair written beside --out counts too
+    sidecar_named = tmp_path / "m.safetensors.ckpt.json"
+    sidecar_named.write_text(json.dumps(CLASSES_JSON))
+    msg = _cli_error(runner, [*_args(config, **{"--out": str(tmp_path / "m.safetensors"),
+                                                "--classes": str(sidecar_named)}), "--overwrite"])
+    assert "the checkpoint of --out is an input of this run (classes file)" in msg
+    result = runner.invoke(main, ["init-model", config.classes, "--classes", config.classes, "--overwrite"])
+    assert result.exit_code == 1
+    assert result.output.strip() == (
+        f"Error: {config.classes}: OUT is an input of this run (classes file); choose another file"
+    )
+    assert json.loads(Path(config.classes).read_text()) == CLASSES_JSON
+
+
+def test_model_and_checkpoint_follow_the_umask(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    config = tiny_config(tmp_path, steps=2, epoch_steps=2)
+    previous = os.umask(0o027)
+    try:
+        train_model(config)
+    finally:
+        os.umask(previous)
+    model, (tensors, sidecar) = Path(config.out), checkpoint_paths(config.out)
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in (model, tensors, sidecar)} == {
+        model.name: 0o640, tensors.name: 0o640, sidecar.name: 0o640
+    }
+
+
+def test_an_interrupt_says_what_is_on_disk(runner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C after an epoch: --out holds the best epoch and the checkpoint resumes; the CLI says so."""
+    config = tiny_config(tmp_path, steps=6, epoch_steps=2)
+    epochs = []
+
+    def interrupt_in_the_second_epoch(record: Any) -> None:
+        epochs.append(record)
+        if len(epochs) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt) as caught:
+        train_model(config, on_epoch=interrupt_in_the_second_epoch)
+    best = max(epochs, key=lambda r: r.val_miou)
+    assert caught.value.__notes__ == [
+        f"{config.out} holds the best epoch so far (epoch {best.epoch}, step {best.step}); "
+        "its checkpoint continues from step 4 with --resume"
+    ]
+    assert Path(config.out).is_file() and all(p.is_file() for p in checkpoint_paths(config.out))
+    # The CLI prints the note instead of "no output was written".
+    import geoseg.train
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(geoseg.train, "validate", interrupted)
+    result = runner.invoke(main, ["train", *_args(config, **{"--out": str(tmp_path / "other.safetensors")})])
+    assert result.exit_code == 130
+    assert result.output.strip().splitlines()[-1] == (
+        f"Interrupted; no epoch had finished; {tmp_path / 'other.safetensors'} was not written."
+    )
+
+
+def test_arch_overrides_are_read_as_yaml(runner, tmp_path: Path) -> None:
+    """--arch-override VALUE reads like a config file's arch_overrides: [8,16], 8,16 and text all work."""
+    classes = tmp_path / "classes.json"
+    classes.write_text(json.dumps(CLASSES_JSON))
+    out = tmp_path / "m.safetensors"
+    forms = ["hidden_sizes=[8, 8, 16, 16]", "depths=1,1,1,1", "num_attention_heads=[1,1,2,2]",
+             "decoder_hidden_size=16"]
+    result = runner.invoke(main, ["init-model", str(out), "--classes", str(classes),
+                                  *(arg for form in forms for arg in ("--arch-override", form))])
+    assert result.exit_code == 0, result.output
+    arch = read_metadata(out).arch_config
+    assert (arch["hidden_sizes"], arch["depths"], arch["num_attention_heads"], arch["decoder_hidden_size"]) == (
+        [8, 8, 16, 16], [1, 1, 1, 1], [1, 1, 2, 2], 16
+    )
+    for form, message in (
+        ("decoder_hidden_size=abc", "decoder_hidden_size must be a positive integer, got 'abc'"),
+        ("depths=[1,1", "--arch-override 'depths=[1,1': VALUE must be a number, text or list"),
+        ("depths", "--arch-override 'depths': expected KEY=VALUE"),
+    ):
+        result = runner.invoke(main, ["init-model", str(out), "--classes", str(classes), "--overwrite",
+                                      "--arch-override", form])
+        assert result.exit_code == 1, result.output
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], result.output
+
+
+def test_regions_running_past_the_image_are_clipped_with_a_warning(tmp_path: Path) -> None:
+    config = tiny_config(tmp_path, train_rows="0:112", val_rows="112:999", steps=2, epoch_steps=2)
+    with pytest.warns(UserWarning) as caught:
+        data = _scan(config, ClassMap(*load_classes(config.classes)), _initial_model(config, ClassMap(
+            *load_classes(config.classes)))[0])
+    data.close()
+    messages = [str(w.message) for w in caught]
+    assert (f"{config.images[0]}: the validation region (rows 112:999) runs past the 128x160 px image; "
+            "using rows 112:160") in messages
+    assert data.images[0].val.region.describe() == "rows 112:160"
+
+
+def test_bad_yaml_and_folder_outputs_are_one_line_errors(runner, tmp_path: Path) -> None:
+    config = tiny_config(tmp_path)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("{\n")
+    assert _cli_error(runner, ["--config", str(broken), "--out", str(tmp_path / "m.safetensors")]) == (
+        f"Error: {broken}: not valid YAML (line 2, column 1: expected the node content, but found '<stream end>')"
+    )
+    assert _cli_error(runner, _args(config, **{"--out": str(tmp_path)})) == (
+        f"Error: {tmp_path}: is a folder; give a file name"
+    )
+    result = runner.invoke(main, ["init-model", str(tmp_path), "--classes", config.classes])
+    assert result.exit_code == 1 and result.output == f"Error: {tmp_path}: is a folder; give a file name\n"
+
+
+def test_resume_compares_files_not_spellings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same files typed from another folder, or as absolute paths, resume; another file does not."""
+    config = tiny_config(tmp_path, steps=4, epoch_steps=2)
+    monkeypatch.chdir(tmp_path)
+    relative = config.replace(images=("scene.tif",), labels=("labels.tif",), classes="classes.json",
+                              out="model.safetensors")
+    train_model(relative, max_epochs=1)
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
+    from_below = config.replace(images=("../scene.tif",), labels=("../labels.tif",), classes="../classes.json",
+                                out="../model.safetensors")
+    assert train_model(from_below, resume=True, max_epochs=1).steps_done == 4
+    (tmp_path / "copy.tif").write_bytes((tmp_path / "labels.tif").read_bytes())
+    with pytest.raises(ConfigError, match=r"settings differ from the interrupted run \(labels: .*copy\.tif"):
+        train_model(config.replace(labels=(str(tmp_path / "copy.tif"),)), resume=True)
+
+
+def test_quiet_training_prints_nothing(runner, tmp_path: Path) -> None:
+    config = tiny_config(tmp_path)
+    result = runner.invoke(main, ["train", *_args(config, **{"--steps": "2"})])  # with -q
+    assert result.exit_code == 0 and result.output == "" and Path(config.out).is_file()
+
+
+def test_a_band_count_mismatch_speaks_of_the_flag(runner, tmp_path: Path) -> None:
+    config = tiny_config(tmp_path)
+    assert _cli_error(runner, _args(config, **{"--bands": "1,2,3"})) == (
+        "Error: --bands lists 3 bands but the model takes 4 (red, green, blue, nir; band_names in the config file)"
+    )
