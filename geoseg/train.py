@@ -289,15 +289,6 @@ def train_config_keys() -> list[str]:
     return [f.name for f in dataclasses.fields(TrainConfig)]
 
 
-def yaml_problem(err: Exception) -> str:
-    """A PyYAML error on one line: ``line 2, column 1: expected the node content`` (its own text
-    spans several lines, with a copy of the offending line)."""
-    mark = getattr(err, "problem_mark", None)
-    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-    return f"{where}{problem}"
-
-
 def load_train_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read training settings from YAML; relative paths in it are relative to the file's folder.
 
