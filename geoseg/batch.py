@@ -616,6 +616,10 @@ def _check_is_scheduler(address: str, target: str, timeout: float) -> None:
                 f"--scheduler {address}: not a dask scheduler (no answer to dask's handshake after "
                 f"{timeout:g} s; the dashboard's port?)"
             ) from None
+        except MemoryError:  # dask read a frame length out of a foreign answer (an HTTP reply)
+            raise ConfigError(
+                f"--scheduler {address}: not a dask scheduler (its answer is not dask's protocol)"
+            ) from None
         except Exception as err:  # noqa: BLE001 - whatever a foreign server's answer makes dask raise
             from ._batch_worker import one_line
 
