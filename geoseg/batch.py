@@ -7,12 +7,16 @@ loads the model once (a :class:`ModelCache` worker plugin) and runs
 event, so the manifest says ``running`` while the scene is in progress.
 
 Resume: a scene is skipped when the manifest says it is done (or was skipped) with the same input
-size and modification time, model sha256, settings hash and output path, and the output file is
-still there with its recorded size. Everything else is (re)done; ``force`` redoes everything.
+size and modification time, model sha256, settings hash and output paths, and its output files
+(the class raster and the extra outputs) are still there with their recorded sizes. Everything
+else is (re)done; ``force`` redoes everything. A file under an output name that the manifest did
+not write is never replaced (without ``force``).
 
 Faults: a scene whose worker dies is run once more elsewhere, then marked failed; outputs appear
 under their final name only when complete (predict_scene's temporary-file rename); the manifest is
 SQLite, consistent at every moment; a second driver on the same out dir is refused by the lock.
+A scene runs once per run (see :class:`_Driver`), and the driver returns only when every task of
+the run has ended.
 """
 
 from __future__ import annotations
@@ -758,7 +762,7 @@ def run_batch(
                         )
                         for i, p in enumerate(to_run)
                     ]
-                    _Driver(active, manifest, run_id, on_error, summary).run(jobs, to_run)
+                    _Driver(active, manifest, run_id, on_error, summary, local=client is None).run(jobs, to_run)
                 # Every task of this run has ended (the driver waited for each one): safe to clean up
                 # what attempts whose worker was killed left, and the attempts files, of skipped scenes too.
                 for scene in ours:
@@ -882,9 +886,17 @@ class _Driver:
     """
 
     def __init__(
-        self, client: Client, manifest: Manifest, run_id: str, on_error: OnError, summary: BatchSummary
+        self,
+        client: Client,
+        manifest: Manifest,
+        run_id: str,
+        on_error: OnError,
+        summary: BatchSummary,
+        *,
+        local: bool = False,
     ):
         self.client = client
+        self.local = local  # the cluster is this run's own, closed with it
         self.manifest = manifest
         self.run_id = run_id
         self.on_error = on_error
@@ -932,21 +944,28 @@ class _Driver:
                         )
                 done = set()
         except BaseException:
-            # Interrupted: on an existing cluster, queued scenes must not start after the driver is gone.
+            self._handle_events()
+            if self.local:
+                raise  # the cluster closes with the run; tearing down more only adds dask's errors
+            # On an existing cluster queued scenes must not start after the driver is gone.
             try:
                 self.client.cancel(list(pending))
             except Exception:  # noqa: BLE001 - best effort, on the way out
                 log.debug("could not cancel the scenes not run", exc_info=True)
+            self._release(topic, plugin, stop)
             raise
-        finally:
-            self._handle_events()
+        self._handle_events()
+        self._release(topic, plugin, stop)
+
+    def _release(self, topic: str, plugin: str, stop: Any) -> None:
+        """Stop following the run's events; free the models the workers loaded for it."""
+        try:
             self.client.unsubscribe_topic(topic)
-            try:
-                if stop is not None:
-                    stop.clear()
-                self.client.unregister_worker_plugin(plugin)
-            except Exception:  # noqa: BLE001 - freeing the models is best effort
-                log.debug("could not unregister %s", plugin, exc_info=True)
+            if stop is not None:
+                stop.clear()
+            self.client.unregister_worker_plugin(plugin)
+        except Exception:  # noqa: BLE001 - freeing the models is best effort
+            log.debug("could not unregister %s", plugin, exc_info=True)
 
     def _handle_events(self) -> None:
         """Mark scenes running as their starts arrive; a third start means two dead workers: fail it."""

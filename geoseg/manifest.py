@@ -125,18 +125,17 @@ class Manifest:
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} COMMIT;")
             columns = {row[1] for row in self._db.execute("PRAGMA table_info(scenes)")}
+            missing = [name for name in _COLUMNS if name not in columns and name != "extra_outputs"]
+            if missing:
+                self._db.close()
+                raise OutputError(
+                    f"{self.path}: cannot open the batch manifest (not a geoseg manifest: "
+                    f"table scenes has no column {', '.join(missing)})"
+                )
             if "extra_outputs" not in columns:  # written before geoseg recorded them
                 self._db.execute("ALTER TABLE scenes ADD COLUMN extra_outputs TEXT")
-                columns.add("extra_outputs")
         except sqlite3.DatabaseError as err:
             raise OutputError(f"{self.path}: cannot open the batch manifest ({err})") from err
-        missing = [name for name in _COLUMNS if name not in columns]
-        if missing:
-            self._db.close()
-            raise OutputError(
-                f"{self.path}: cannot open the batch manifest (not a geoseg manifest: "
-                f"table scenes has no column {', '.join(missing)})"
-            )
 
     @contextmanager
     def transaction(self) -> Iterator[None]:

@@ -216,6 +216,8 @@ def test_a_table_of_another_schema_is_not_a_manifest(tmp_path: Path) -> None:
         db.execute("CREATE TABLE scenes (input TEXT PRIMARY KEY, foo TEXT)")
     with pytest.raises(OutputError, match="cannot open the batch manifest .not a geoseg manifest: .*no column"):
         Manifest(path)
+    with sqlite3.connect(path) as db:  # left as it was
+        assert [row[1] for row in db.execute("PRAGMA table_info(scenes)")] == ["input", "foo"]
 
 
 def test_out_dir_lock_refuses_a_second_holder_and_dies_with_its_process(tmp_path: Path) -> None:
@@ -593,6 +595,34 @@ def test_a_finished_scene_is_not_predicted_again_when_its_worker_dies_later(
     now = os.stat(before.output)
     assert (now.st_ino, now.st_mtime_ns) == (stat.st_ino, stat.st_mtime_ns)  # not rewritten
     assert no_temporaries(out)
+
+
+def test_cli_batch_stopped_by_sigterm_says_what_it_left_and_removes_temporaries(
+    tmp_path: Path, make_scene: Any, make_model_file: Any
+) -> None:
+    model = make_model_file("b0.safetensors", arch_overrides={})
+    for i in range(3):
+        make_scene(f"s{i}.tif", width=768, height=768, seed=i)
+    out = tmp_path / "out"
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "geoseg", "batch", str(tmp_path / "s*.tif"), "--out-dir", str(out),
+         "--workers", "1", "--model", str(model)],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + CLUSTER_TIMEOUT_S
+    while driver.poll() is None and time.monotonic() < deadline:
+        rows = read_manifest(out) if (out / MANIFEST_NAME).exists() else []
+        if any(r.status == "running" for r in rows):
+            driver.send_signal(signal.SIGTERM)  # what a job scheduler sends
+            break
+        time.sleep(0.05)
+    _, stderr = driver.communicate(timeout=CLUSTER_TIMEOUT_S)
+    assert driver.returncode == 128 + signal.SIGTERM, stderr
+    assert "Traceback" not in stderr, stderr
+    rows = read_manifest(out)
+    done = sum(r.status == "done" for r in rows)
+    assert f"interrupted: {done} of 3 scenes done in this run (0 done before), 0 failed, {3 - done} left for the next run" in stderr
+    assert done < 3 and no_temporaries(out)  # the interrupted scene's temporary file is gone
 
 
 def test_cli_batch_local_cluster_reports_a_failing_scene(
