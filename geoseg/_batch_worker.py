@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from distributed import WorkerPlugin, get_worker
+from distributed import Event, WorkerPlugin, get_worker
 
 from ._malloc import reuse_freed_memory
 from ._version import __version__
@@ -42,6 +42,7 @@ class SceneJob:
     resample: str | None = None
     assets: Mapping[str, str] | Sequence[str] | None = None
     outputs: OutputOptions | None = None  # extra outputs, their names already filled in for this scene
+    stop_event: str | None = None  # a dask Event set by the driver to start no more scenes (--on-error stop)
 
 
 class ModelCache(WorkerPlugin):
@@ -99,7 +100,7 @@ class ModelCache(WorkerPlugin):
 class SceneOutcome:
     """What a worker reports back for one scene."""
 
-    status: Literal["done", "failed"]
+    status: Literal["done", "failed", "stopped"]  # stopped: not started, nothing written
     worker: str
     worker_pid: int
     started_at: float
@@ -111,6 +112,7 @@ class SceneOutcome:
     height: int | None = None
     output_sha256: str | None = None
     output_size: int | None = None
+    extra_outputs: dict[str, int | None] | None = None  # path: size (None for a folder)
     error: str | None = None
 
 
@@ -127,6 +129,8 @@ def predict_task(job: SceneJob) -> SceneOutcome:
     worker = get_worker()
     started = time.time()
     report = {"worker": worker.address, "worker_pid": os.getpid(), "started_at": started}
+    if job.stop_event is not None and Event(job.stop_event).is_set():
+        return SceneOutcome("stopped", **report, finished_at=time.time())
     attempt = register_attempt(job.output, worker.address)
     if attempt > MAX_ATTEMPTS:
         # dask reschedules a dead worker's scene up to its allowed-failures; geoseg allows one retry.
@@ -165,10 +169,12 @@ def predict_task(job: SceneJob) -> SceneOutcome:
             height=result.height,
             output_sha256=file_sha256(job.output),
             output_size=os.path.getsize(job.output),
+            extra_outputs=_sizes(job.outputs.files()) if job.outputs is not None else None,
         )
     except Exception as err:  # noqa: BLE001 - one scene's failure, whatever it is, must not stop the batch
         if not isinstance(err, GeosegError):
-            log.exception("%s: unexpected error", job.input)  # the traceback stays in the worker's log
+            # NOTE: a bug: the traceback goes to the worker's log (a local cluster's is the terminal).
+            log.exception("%s: unexpected error", job.input)
         return SceneOutcome(
             "failed",
             **report,
@@ -177,6 +183,11 @@ def predict_task(job: SceneJob) -> SceneOutcome:
             model_load_seconds=load_seconds,
             error=one_line(err),
         )
+
+
+def _sizes(paths: Sequence[os.PathLike[str]]) -> dict[str, int | None]:
+    """Each path's size in bytes; ``None`` for a folder (a report)."""
+    return {str(path): None if os.path.isdir(path) else os.path.getsize(path) for path in paths}
 
 
 def register_attempt(output: str, worker: str) -> int:

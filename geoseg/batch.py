@@ -7,12 +7,16 @@ loads the model once (a :class:`ModelCache` worker plugin) and runs
 event, so the manifest says ``running`` while the scene is in progress.
 
 Resume: a scene is skipped when the manifest says it is done (or was skipped) with the same input
-size and modification time, model sha256, settings hash and output path, and the output file is
-still there with its recorded size. Everything else is (re)done; ``force`` redoes everything.
+size and modification time, model sha256, settings hash and output paths, and its output files
+(the class raster and the extra outputs) are still there with their recorded sizes. Everything
+else is (re)done; ``force`` redoes everything. A file under an output name that the manifest did
+not write is never replaced (without ``force``).
 
 Faults: a scene whose worker dies is run once more elsewhere, then marked failed; outputs appear
 under their final name only when complete (predict_scene's temporary-file rename); the manifest is
 SQLite, consistent at every moment; a second driver on the same out dir is refused by the lock.
+A scene runs once per run (see :class:`_Driver`), and the driver returns only when every task of
+the run has ended.
 """
 
 from __future__ import annotations
@@ -194,6 +198,12 @@ class PlannedScene:
     input_mtime_ns: int | None
     action: Literal["run", "skip", "refuse"]
     reason: str
+    outputs: OutputOptions | None = None  # its extra outputs (--stats, ...), names filled in
+
+    @property
+    def extra_files(self) -> list[str]:
+        """The paths of its extra outputs."""
+        return [str(path) for path in self.outputs.files()] if self.outputs is not None else []
 
 
 def plan_scenes(
@@ -205,8 +215,13 @@ def plan_scenes(
     *,
     template: str = DEFAULT_TEMPLATE,
     force: bool = False,
+    outputs: OutputOptions | None = None,
 ) -> list[PlannedScene]:
     """Decide for each scene whether to run it, skip it (done before) or refuse it (foreign output).
+
+    ``outputs`` are the extra outputs, with templates as file names (see :func:`scene_outputs`);
+    they count as the class raster does: each must have been written by this out dir's manifest
+    to be replaced, and each must still be there for the scene to be skipped.
 
     Raises:
         ConfigError: Two scenes would write the same output.
@@ -223,14 +238,17 @@ def plan_scenes(
         owner[output] = scene
         size, mtime_ns = input_fingerprint(scene)
         record = manifest.get(scene)
-        action, reason = _decide(record, output, size, mtime_ns, model_sha256, config_hash, force)
-        planned.append(PlannedScene(scene, output, size, mtime_ns, action, reason))
+        extra = scene_outputs(outputs, scene, out_dir) if outputs is not None else None
+        extra_files = [str(path) for path in extra.files()] if extra is not None else []
+        action, reason = _decide(record, output, extra_files, size, mtime_ns, model_sha256, config_hash, force)
+        planned.append(PlannedScene(scene, output, size, mtime_ns, action, reason, extra))
     return planned
 
 
 def _decide(
     record: SceneRecord | None,
     output: str,
+    extra_files: Sequence[str],
     size: int | None,
     mtime_ns: int | None,
     model_sha256: str,
@@ -239,11 +257,12 @@ def _decide(
 ) -> tuple[Literal["run", "skip", "refuse"], str]:
     if force:
         return "run", "forced"
-    if os.path.lexists(output) and not _written_by_batch(record, output):
-        return (
-            "refuse",
-            f"{output}: exists but this out dir's manifest did not write it; move it or use --force",
-        )
+    for path in (output, *extra_files):
+        if os.path.lexists(path) and not _written_by_batch(record, output, path):
+            return (
+                "refuse",
+                f"{path}: exists but this out dir's manifest did not write it; move it or use --force",
+            )
     if record is None:
         return "run", "new"
     if record.status not in COMPLETE:
@@ -258,6 +277,13 @@ def _decide(
         return "run", "output name changed"
     if not os.path.isfile(output) or os.path.getsize(output) != record.output_size:
         return "run", "output missing or changed"
+    recorded = record.extra_output_sizes()
+    if recorded is not None:  # None: a manifest from before extra outputs were recorded
+        if set(recorded) != set(extra_files):
+            return "run", "output name changed"
+        for path, recorded_size in recorded.items():
+            if not os.path.exists(path) or (recorded_size is not None and os.path.getsize(path) != recorded_size):
+                return "run", "output missing or changed"
     return "skip", "done before"
 
 
@@ -272,27 +298,42 @@ def died_message(attempts: int) -> str:
     return f"worker died during prediction {attempts} times (killed or out of memory)"
 
 
-def _written_by_batch(record: SceneRecord | None, output: str) -> bool:
-    """Whether a file at ``output`` can be this batch's: recorded, or written by a run that was cut short."""
+def _written_by_batch(record: SceneRecord | None, output: str, path: str) -> bool:
+    """Whether a file at ``path``, the class raster ``output`` or an extra output of its scene, can be
+    this batch's: recorded, or written by a run that was cut short."""
     if record is None or record.output != output:
         return False
+    extra = record.extra_output_sizes()
+    if path != output and extra is not None and path not in extra:
+        return False  # NOTE: older manifests did not list the extra outputs: trusted as before
     return record.output_sha256 is not None or record.attempts > 0 or record.status in ("queued", "running")
 
 
-def remove_stale_temporaries(output: str) -> list[Path]:
-    """Delete the temporary files a killed prediction of ``output`` left beside it, and its attempts file.
+def remove_stale_temporaries(output: str, extra_files: Sequence[str] = ()) -> list[Path]:
+    """Delete the temporary files a killed prediction of ``output`` (and of its extra outputs) left
+    beside them, and its attempts file.
 
     Only safe while holding the out-dir lock and with no task of this batch running.
     """
+    import shutil
+
     from .io import TMP_MARKER
 
-    target = Path(output)
-    stale = [
-        Path(p) for p in glob.glob(glob.escape(str(target.parent / f".{target.name}{TMP_MARKER}")) + "*")
-    ]
+    stale: list[Path] = []
+    for name in (output, *extra_files):
+        target = Path(name)
+        folder = glob.escape(str(target.parent))
+        patterns = [  # as io.temporary_path names them, and vectorize (which keeps the suffix last)
+            f"{folder}/{glob.escape(f'.{target.name}{TMP_MARKER}')}*",
+            f"{folder}/{glob.escape(f'.{target.stem}{TMP_MARKER}')}*{glob.escape(target.suffix)}",
+        ]
+        stale += sorted({Path(p) for pattern in patterns for p in glob.glob(pattern)})
     stale.append(attempts_file(output))
     for path in stale:
-        path.unlink(missing_ok=True)
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)  # a report folder
+        else:
+            path.unlink(missing_ok=True)
     return stale
 
 
@@ -447,23 +488,149 @@ def local_client(workers: int) -> Iterator[Client]:
         cluster.close()
 
 
+#: Seconds a dask scheduler may take to answer once connected; a real one answers in milliseconds.
+HANDSHAKE_TIMEOUT_S = 15
+
+
 def connect(address: str, timeout: float = 60) -> Client:
     """A client of the existing dask scheduler at ``address`` (``tcp://host:port`` or a scheduler file).
 
+    The address is checked first, each mistake with its own one-line error: a scheduler file
+    that is missing or not one, a dashboard (``http://``) address, an unknown host, a refused
+    connection, and a port where something other than a dask scheduler answers (a web server,
+    the dashboard). distributed's ``Client(timeout=...)`` bounds only the TCP connect: against a
+    server that accepts the connection but never answers dask's handshake it waits forever.
+
     Raises:
-        ConfigError: Nothing answers at the address.
+        ConfigError: The message says which of these it is.
     """
     _import_dask()
     from distributed import Client
 
+    target = _scheduler_target(address)
+    _check_reachable(address, target, timeout)
+    _check_is_scheduler(address, target, min(timeout, HANDSHAKE_TIMEOUT_S))
     try:
-        if os.path.isfile(address):
-            return Client(scheduler_file=address, timeout=timeout)
-        return Client(address, timeout=timeout)
+        return Client(target, timeout=timeout)
     except (OSError, TimeoutError) as err:
         raise ConfigError(
             f"--scheduler {address}: cannot reach a dask scheduler ({' '.join(str(err).split())})"
         ) from None
+
+
+def _scheduler_target(address: str) -> str:
+    """The scheduler's ``scheme://host:port`` from ``address``, an address or a scheduler file.
+
+    Raises:
+        ConfigError: A missing or invalid scheduler file, a dashboard address, an unknown scheme.
+    """
+    from distributed.comm.addressing import parse_address, parse_host_port
+    from distributed.comm.registry import get_backend
+
+    if os.path.isfile(address):
+        try:
+            info = json.loads(Path(address).read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as err:
+            reason = err.strerror if isinstance(err, OSError) else "not JSON"
+            raise ConfigError(f"--scheduler {address}: not a dask scheduler file ({reason})") from None
+        if not isinstance(info, dict) or not isinstance(info.get("address"), str):
+            raise ConfigError(f"--scheduler {address}: not a dask scheduler file (no \"address\" in it)")
+        return info["address"]
+    given_scheme = address.split("://", 1)[0].lower() if "://" in address else None
+    if given_scheme in ("http", "https"):
+        raise ConfigError(
+            f"--scheduler {address}: a web address (the dashboard?); give the scheduler's "
+            "tcp://host:port (8786 by default) or its scheduler file"
+        )
+    try:
+        scheme, location = parse_address(address)
+        get_backend(scheme)
+        if scheme in ("tcp", "tls"):
+            parse_host_port(location)
+    except ValueError as err:
+        if given_scheme is None:
+            raise ConfigError(
+                f"--scheduler {address}: no such scheduler file, nor a tcp://host:port address"
+            ) from None
+        raise ConfigError(f"--scheduler {address}: not a dask scheduler address ({err})") from None
+    return address if "://" in address else f"{scheme}://{location}"
+
+
+def _check_reachable(address: str, target: str, timeout: float) -> None:
+    """Fail at once, saying why, when the host is unknown or nothing listens on the port (TCP, TLS).
+
+    distributed retries both until its connect timeout, then reports a time-out.
+    """
+    import socket
+
+    from distributed.comm.addressing import parse_address, parse_host_port
+
+    scheme, location = parse_address(target)
+    if scheme not in ("tcp", "tls"):
+        return
+    host, port = parse_host_port(location)
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as err:
+        raise ConfigError(f"--scheduler {address}: unknown host {host} ({err.strerror})") from None
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except ConnectionRefusedError:
+        raise ConfigError(
+            f"--scheduler {address}: connection refused: nothing listens on {host}:{port} "
+            "(is the scheduler running?)"
+        ) from None
+    except TimeoutError:
+        raise ConfigError(
+            f"--scheduler {address}: no answer from {host}:{port} after {timeout:g} s"
+        ) from None
+    except OSError as err:
+        raise ConfigError(f"--scheduler {address}: cannot connect to {host}:{port} ({err.strerror or err})") from None
+
+
+def _check_is_scheduler(address: str, target: str, timeout: float) -> None:
+    """Ask ``target`` who it is, within ``timeout`` seconds in all; refuse anything but a scheduler."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from distributed.comm import connect as comm_connect
+    from distributed.comm.addressing import parse_address
+    from distributed.security import Security
+
+    if parse_address(target)[0] not in ("tcp", "tls", "ws", "wss"):
+        return  # inproc, ucx: nothing else can answer there
+
+    async def identity() -> Any:
+        comm = await comm_connect(target, timeout=timeout, **Security().get_connection_args("client"))
+        try:
+            await comm.write({"op": "identity", "reply": True})
+            return await comm.read()
+        finally:
+            comm.abort()
+
+    async def bounded() -> Any:
+        return await asyncio.wait_for(identity(), timeout)
+
+    # NOTE: in a thread of its own, so that a caller with a running event loop (Jupyter) can call this.
+    with ThreadPoolExecutor(1) as pool:
+        try:
+            reply = pool.submit(asyncio.run, bounded()).result()
+        except TimeoutError:
+            raise ConfigError(
+                f"--scheduler {address}: not a dask scheduler (no answer to dask's handshake after "
+                f"{timeout:g} s; the dashboard's port?)"
+            ) from None
+        except MemoryError:  # dask read a frame length out of a foreign answer (an HTTP reply)
+            raise ConfigError(
+                f"--scheduler {address}: not a dask scheduler (its answer is not dask's protocol)"
+            ) from None
+        except Exception as err:  # noqa: BLE001 - whatever a foreign server's answer makes dask raise
+            from ._batch_worker import one_line
+
+            raise ConfigError(f"--scheduler {address}: not a dask scheduler ({one_line(err)})") from None
+    if not isinstance(reply, dict) or reply.get("type") != "Scheduler":
+        kind = reply.get("type") if isinstance(reply, dict) else type(reply).__name__
+        raise ConfigError(f"--scheduler {address}: not a dask scheduler (it answers as {kind})")
 
 
 def _import_dask() -> Any:
@@ -543,73 +710,105 @@ def run_batch(
         raise OutputError(f"{out}: cannot create the out dir ({err.strerror or err})") from err
     with OutDirLock(out), Manifest(out / MANIFEST_NAME) as manifest:
         planned = plan_scenes(
-            scenes, out, manifest, model_sha256, config_hash, template=template, force=force
+            scenes, out, manifest, model_sha256, config_hash, template=template, force=force, outputs=outputs
         )
-        extra = {p.input: scene_outputs(outputs, p.input, out) for p in planned} if outputs else {}
-        _check_unique_outputs(planned, extra)
+        _check_unique_outputs(planned)
         summary = BatchSummary(out_dir=out, manifest=manifest.path)
         to_run = [p for p in planned if p.action == "run"]
         if on_error == "stop" and any(p.action == "refuse" for p in planned):
             summary.not_run, to_run = len(to_run), []  # a failure already: run nothing (rows stay queued)
         for scene in to_run:
             Path(scene.output).parent.mkdir(parents=True, exist_ok=True)  # a template may name subfolders
-            remove_stale_temporaries(scene.output)
-        with _client_for(client, workers, len(to_run), config) as (active, run_config):
-            run_id = uuid.uuid4().hex[:12]
-            manifest.start_run(run_id, _scheduler_address(active))
-            with manifest.transaction():
-                for scene in planned:
-                    _record_planned(manifest, scene, run_id, model_sha256, config_hash, summary)
-            if to_run and active is not None:
-                summary.dashboard = active.dashboard_link if _has_dashboard(active) else None
-                summary.workers = len(active.scheduler_info().get("workers", {}))
-                log.info(
-                    "%d scenes to predict (%d done before) on %d dask workers at %s; dashboard: %s",
-                    len(to_run),
-                    summary.skipped,
-                    summary.workers,
-                    active.scheduler.address,
-                    summary.dashboard or "none (pip install bokeh)",
-                )
-                jobs = [
-                    SceneJob(
-                        input=p.input,
-                        output=p.output,
-                        config=run_config,
-                        model_path=model_path,
-                        model_sha256=model_sha256,
-                        key=f"geoseg-scene-{run_id}-{i}",
-                        topic=f"geoseg-batch-{run_id}",
-                        plugin=f"geoseg-models-{run_id}",
-                        resample=resample,
-                        assets=assets,
-                        outputs=extra.get(p.input),
+        ours = [p for p in planned if p.action != "refuse"]
+        for scene in ours:
+            remove_stale_temporaries(scene.output, scene.extra_files)
+        try:
+            with _client_for(client, workers, len(to_run), config) as (active, run_config):
+                run_id = uuid.uuid4().hex[:12]
+                manifest.start_run(run_id, _scheduler_address(active))
+                with manifest.transaction():
+                    for scene in planned:
+                        _record_planned(manifest, scene, run_id, model_sha256, config_hash, summary)
+                if to_run and active is not None:
+                    summary.dashboard = active.dashboard_link if _has_dashboard(active) else None
+                    summary.workers = len(active.scheduler_info().get("workers", {}))
+                    log.info(
+                        "%d scenes to predict (%d done before) on %d dask workers at %s; dashboard: %s",
+                        len(to_run),
+                        summary.skipped,
+                        summary.workers,
+                        active.scheduler.address,
+                        summary.dashboard or "none (pip install bokeh)",
                     )
-                    for i, p in enumerate(to_run)
-                ]
-                _Driver(active, manifest, run_id, on_error, summary).run(jobs, to_run)
-            for scene in to_run:
-                remove_stale_temporaries(scene.output)  # left by attempts whose worker was killed
-            summary.seconds = time.perf_counter() - started
-            manifest.finish_run(run_id, summary.done, summary.skipped, summary.failed)
+                    if summary.workers == 0:
+                        log.warning(
+                            "the scheduler at %s has no workers: the scenes wait until workers join",
+                            active.scheduler.address,
+                        )
+                    jobs = [
+                        SceneJob(
+                            input=p.input,
+                            output=p.output,
+                            config=run_config,
+                            model_path=model_path,
+                            model_sha256=model_sha256,
+                            key=f"geoseg-scene-{run_id}-{i}",
+                            topic=f"geoseg-batch-{run_id}",
+                            plugin=f"geoseg-models-{run_id}",
+                            resample=resample,
+                            assets=assets,
+                            outputs=p.outputs,
+                            stop_event=f"geoseg-stop-{run_id}" if on_error == "stop" else None,
+                        )
+                        for i, p in enumerate(to_run)
+                    ]
+                    _Driver(active, manifest, run_id, on_error, summary, local=client is None).run(jobs, to_run)
+                # Every task of this run has ended (the driver waited for each one): safe to clean up
+                # what attempts whose worker was killed left, and the attempts files, of skipped scenes too.
+                for scene in ours:
+                    remove_stale_temporaries(scene.output, scene.extra_files)
+                summary.seconds = time.perf_counter() - started
+                manifest.finish_run(run_id, summary.done, summary.skipped, summary.failed)
+        except (KeyboardInterrupt, SystemExit):  # Ctrl-C; SIGTERM (the CLI makes it SystemExit)
+            _report_interrupted(summary, to_run, local=client is None)
+            raise
     return summary
 
 
-def _check_unique_outputs(planned: Sequence[PlannedScene], extra: Mapping[str, OutputOptions]) -> None:
+def _report_interrupted(summary: BatchSummary, to_run: Sequence[PlannedScene], *, local: bool) -> None:
+    """Say what an interrupted run did and left; on a local cluster (its workers are gone now)
+    remove the temporary files of the scenes that were running."""
+    if local:
+        for scene in to_run:
+            remove_stale_temporaries(scene.output, scene.extra_files)
+    left = len(to_run) - summary.done - summary.failed
+    log.warning(
+        "interrupted: %d of %d scenes done in this run (%d done before), %d failed, %d left for the "
+        "next run, which resumes%s (manifest: %s)",
+        summary.done, len(to_run), summary.skipped, summary.failed, left,
+        "" if local else "; scenes already running on the cluster may still finish",
+        summary.manifest,
+    )
+
+
+def _check_unique_outputs(planned: Sequence[PlannedScene]) -> None:
     """Refuse a batch in which two scenes, or two outputs, would write the same file.
 
     Raises:
         ConfigError: The message names the file and what would write it twice.
     """
-    owner = {p.output: f"the class raster of {p.input}" for p in planned}
-    for scene, outputs in extra.items():
-        for path in outputs.files():
-            name = str(path)
+    owner = {p.output: (p.input, "the class raster") for p in planned}
+    for scene in planned:
+        for name in scene.extra_files:
             if name in owner:
-                raise ConfigError(
-                    f"{name}: written for {scene} and as {owner[name]}; put {{stem}} in the output templates"
+                other, what = owner[name]
+                hint = (
+                    "two output templates give the same name; make them differ"
+                    if other == scene.input
+                    else "put {stem} in the output templates"
                 )
-            owner[name] = f"an output of {scene}"
+                raise ConfigError(f"{name}: written for {scene.input} and as {what} of {other}; {hint}")
+            owner[name] = (scene.input, "an output")
 
 
 @contextmanager
@@ -664,6 +863,7 @@ def _record_planned(
         model_sha256=model_sha256,
         config_hash=config_hash,
         output=scene.output,
+        extra_outputs=json.dumps(dict.fromkeys(scene.extra_files)) if scene.outputs is not None else None,
         attempts=0,
         worker=None,
         worker_pid=None,
@@ -675,12 +875,28 @@ def _record_planned(
 
 
 class _Driver:
-    """Submits the scenes, follows their starts and results, and writes them to the manifest."""
+    """Submits the scenes, follows their starts and results, and writes them to the manifest.
+
+    Each task's future is released as soon as its result is recorded: a future kept alive pins the
+    result on its worker, and when that worker dies dask runs the finished scene again to rebuild
+    it, rewriting an output the manifest has recorded. The driver returns only when every task has
+    ended, so no task of the run writes into the out dir after it (the end-of-run cleanup relies
+    on it). ``--on-error stop`` therefore cancels nothing: it sets a dask event that makes the
+    scenes not yet started return at once without writing, and waits for the running ones.
+    """
 
     def __init__(
-        self, client: Client, manifest: Manifest, run_id: str, on_error: OnError, summary: BatchSummary
+        self,
+        client: Client,
+        manifest: Manifest,
+        run_id: str,
+        on_error: OnError,
+        summary: BatchSummary,
+        *,
+        local: bool = False,
     ):
         self.client = client
+        self.local = local  # the cluster is this run's own, closed with it
         self.manifest = manifest
         self.run_id = run_id
         self.on_error = on_error
@@ -688,9 +904,10 @@ class _Driver:
         self.events: queue.Queue[tuple[float, dict[str, Any]]] = queue.Queue()
         self.attempts: dict[str, int] = {}
         self.finished: set[str] = set()
+        self.stopped_by: str | None = None
 
     def run(self, jobs: list[SceneJob], planned: list[PlannedScene]) -> None:
-        from distributed import wait
+        from distributed import Event, wait
 
         from ._batch_worker import ModelCache, geoseg_version, one_line, predict_task
 
@@ -701,14 +918,13 @@ class _Driver:
                 f"dask workers at {self.client.scheduler.address} cannot import geoseg ({one_line(err)}); "
                 "install geoseg on the workers (pip install 'geoseg[dask]')"
             ) from None
-        topic, plugin = jobs[0].topic, jobs[0].plugin
+        topic, plugin, stop_name = jobs[0].topic, jobs[0].plugin, jobs[0].stop_event
         self.client.register_plugin(ModelCache(), name=plugin)
         self.client.subscribe_topic(topic, self.events.put)
         self.scenes = {job.key: scene for job, scene in zip(jobs, planned, strict=True)}
-        self.futures: dict[str, Future] = {
-            job.key: self.client.submit(predict_task, job, key=job.key, pure=False) for job in jobs
-        }
-        pending = set(self.futures.values())
+        stop = Event(stop_name, client=self.client) if stop_name else None
+        # NOTE: no other reference to the futures than this set, so that each is freed once handled.
+        pending = {self.client.submit(predict_task, job, key=job.key, pure=False) for job in jobs}
         try:
             while pending:
                 self._handle_events()
@@ -717,17 +933,39 @@ class _Driver:
                 except TimeoutError:
                     continue
                 for future in done:
-                    if self._handle_result(future) == "failed" and self.on_error == "stop":
-                        self._stop(pending, because=self.scenes[future.key].input)
-                        pending = set()
-                        break
-        finally:
+                    result = self._handle_result(future)
+                    future.release()
+                    if result == "failed" and stop is not None and self.stopped_by is None:
+                        self.stopped_by = self.scenes[future.key].input
+                        stop.set()
+                        log.warning(
+                            "stopping after %s failed (--on-error stop): no new scene starts; "
+                            "waiting for those running", self.stopped_by,
+                        )
+                done = set()
+        except BaseException:
             self._handle_events()
-            self.client.unsubscribe_topic(topic)
+            if self.local:
+                raise  # the cluster closes with the run; tearing down more only adds dask's errors
+            # On an existing cluster queued scenes must not start after the driver is gone.
             try:
-                self.client.unregister_worker_plugin(plugin)
-            except Exception:  # noqa: BLE001 - freeing the models is best effort
-                log.debug("could not unregister %s", plugin, exc_info=True)
+                self.client.cancel(list(pending))
+            except Exception:  # noqa: BLE001 - best effort, on the way out
+                log.debug("could not cancel the scenes not run", exc_info=True)
+            self._release(topic, plugin, stop)
+            raise
+        self._handle_events()
+        self._release(topic, plugin, stop)
+
+    def _release(self, topic: str, plugin: str, stop: Any) -> None:
+        """Stop following the run's events; free the models the workers loaded for it."""
+        try:
+            self.client.unsubscribe_topic(topic)
+            if stop is not None:
+                stop.clear()
+            self.client.unregister_worker_plugin(plugin)
+        except Exception:  # noqa: BLE001 - freeing the models is best effort
+            log.debug("could not unregister %s", plugin, exc_info=True)
 
     def _handle_events(self) -> None:
         """Mark scenes running as their starts arrive; a third start means two dead workers: fail it."""
@@ -764,8 +1002,14 @@ class _Driver:
         scene = self.scenes[key]
         if future.status == "finished":
             outcome: SceneOutcome = future.result()
-            self._handle_events()  # its start event, if it came late, before the final row
             self.finished.add(key)
+            if outcome.status == "stopped":  # not started: left for the next run
+                if self.attempts.get(key):  # a retry after its worker died
+                    self.manifest.upsert(scene.input, status="queued")
+                self.summary.not_run += 1
+                return "stopped"
+            self._handle_events()  # its start event, if it came late, before the final row
+            written = {} if outcome.extra_outputs is None else {"extra_outputs": json.dumps(outcome.extra_outputs)}
             self.manifest.upsert(
                 scene.input,
                 status=outcome.status,
@@ -782,6 +1026,7 @@ class _Driver:
                 output_sha256=outcome.output_sha256,
                 output_size=outcome.output_size,
                 error=outcome.error,
+                **written,
             )
             if outcome.status == "done":
                 self.summary.done += 1
@@ -819,17 +1064,3 @@ class _Driver:
         log.warning("failed: %s", message if scene in message else f"{scene}: {message}")
         self.summary.failed += 1
         self.summary.failures.append((scene, message))
-
-    def _stop(self, pending: set[Future], because: str) -> None:
-        """``--on-error stop``: cancel the rest; scenes that had started fail, the others stay queued."""
-        self.client.cancel(list(pending))
-        self._handle_events()
-        for future in pending:
-            key = future.key
-            if key in self.finished:
-                continue
-            if self.attempts.get(key):
-                self._record_failure(key, f"stopped after {because} failed (--on-error stop)")
-            else:
-                self.finished.add(key)
-                self.summary.not_run += 1  # its row stays 'queued': the next run does it

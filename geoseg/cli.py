@@ -404,6 +404,8 @@ def batch(inputs: tuple[str, ...], out_dir: str, template: str, scheduler: str |
             logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
 
         config = _predict_config(config_file, flags)
+        if scheduler and workers:
+            log.warning("--workers is for the local cluster; with --scheduler the cluster's workers run the scenes")
         client = connect(scheduler) if scheduler else None
         with client if client is not None else nullcontext():
             summary = run_batch(

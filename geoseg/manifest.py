@@ -10,6 +10,7 @@ It is in the standard library. Only the batch driver writes it (workers report t
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import time
@@ -37,6 +38,7 @@ CREATE TABLE IF NOT EXISTS scenes (
     output TEXT,                     -- absolute path of the class raster
     output_sha256 TEXT,
     output_size INTEGER,
+    extra_outputs TEXT,              -- JSON {path: size (NULL for a folder or not written yet)} of --stats, ...
     attempts INTEGER NOT NULL DEFAULT 0,  -- starts on a worker in the latest run (2 = retried once)
     worker TEXT,                     -- address of the worker of the latest attempt
     worker_pid INTEGER,
@@ -78,6 +80,7 @@ class SceneRecord:
     output: str | None = None
     output_sha256: str | None = None
     output_size: int | None = None
+    extra_outputs: str | None = None
     attempts: int = 0
     worker: str | None = None
     worker_pid: int | None = None
@@ -91,6 +94,10 @@ class SceneRecord:
     error: str | None = None
     run_id: str | None = None
     geoseg_version: str | None = None
+
+    def extra_output_sizes(self) -> dict[str, int | None] | None:
+        """The extra outputs (``--stats``, ...) and their sizes; ``None`` when not recorded (older manifests)."""
+        return json.loads(self.extra_outputs) if self.extra_outputs is not None else None
 
     @property
     def megapixels(self) -> float:
@@ -117,6 +124,16 @@ class Manifest:
             # a few fsyncs per scene cost nothing next to a prediction.
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} COMMIT;")
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(scenes)")}
+            missing = [name for name in _COLUMNS if name not in columns and name != "extra_outputs"]
+            if missing:
+                self._db.close()
+                raise OutputError(
+                    f"{self.path}: cannot open the batch manifest (not a geoseg manifest: "
+                    f"table scenes has no column {', '.join(missing)})"
+                )
+            if "extra_outputs" not in columns:  # written before geoseg recorded them
+                self._db.execute("ALTER TABLE scenes ADD COLUMN extra_outputs TEXT")
         except sqlite3.DatabaseError as err:
             raise OutputError(f"{self.path}: cannot open the batch manifest ({err})") from err
 
@@ -208,5 +225,7 @@ def read_manifest(path: str | os.PathLike[str]) -> list[SceneRecord]:
 
 
 def _select_all(db: sqlite3.Connection) -> list[SceneRecord]:
-    rows = db.execute(f"SELECT {', '.join(_COLUMNS)} FROM scenes ORDER BY input").fetchall()
-    return [SceneRecord(**dict(zip(_COLUMNS, row, strict=True))) for row in rows]
+    present = {row[1] for row in db.execute("PRAGMA table_info(scenes)")}
+    columns = [name for name in _COLUMNS if name in present]  # an older manifest lacks extra_outputs
+    rows = db.execute(f"SELECT {', '.join(columns)} FROM scenes ORDER BY input").fetchall()
+    return [SceneRecord(**dict(zip(columns, row, strict=True))) for row in rows]

@@ -25,8 +25,10 @@ pytest.importorskip("distributed")
 
 from geoseg import PredictConfig, predict_scene  # noqa: E402
 from geoseg.batch import (  # noqa: E402
+    ATTEMPTS_MARKER,
     LOCK_NAME,
     OutDirLock,
+    connect,
     expand_inputs,
     local_client,
     local_cluster_size,
@@ -74,7 +76,51 @@ def assert_same_raster(path: Path, reference: Path) -> None:
 
 
 def no_temporaries(folder: Path) -> bool:
-    return not [p for p in folder.iterdir() if TMP_MARKER in p.name]
+    """No temporary output, no attempts file, no sidecar without its raster."""
+    return not [
+        p for p in folder.rglob("*")
+        if TMP_MARKER in p.name or ATTEMPTS_MARKER in p.name
+        or (p.name.endswith(".aux.xml") and not p.with_name(p.name[: -len(".aux.xml")]).exists())
+    ]
+
+
+@pytest.fixture
+def web_server() -> Iterator[str]:
+    """A plain HTTP server on loopback (what answers on a dashboard's port); yields host:port."""
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), SimpleHTTPRequestHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_connect_refuses_what_is_not_a_dask_scheduler_in_one_line(tmp_path: Path, web_server: str) -> None:
+    with pytest.raises(ConfigError, match=rf"tcp://{web_server}: not a dask scheduler \(no answer to dask's handshake after 2 s"):
+        connect(f"tcp://{web_server}", timeout=2)  # without a deadline of its own, dask waits forever
+    with pytest.raises(ConfigError, match="a web address .the dashboard.*tcp://host:port"):
+        connect(f"http://{web_server}")
+    with pytest.raises(ConfigError, match="no such scheduler file, nor a tcp://host:port address"):
+        connect(str(tmp_path / "scheduler.json"))
+    (tmp_path / "empty.json").write_text("{}")
+    with pytest.raises(ConfigError, match='empty.json: not a dask scheduler file .no "address" in it'):
+        connect(str(tmp_path / "empty.json"))
+    (tmp_path / "text.json").write_text("not json")
+    with pytest.raises(ConfigError, match="text.json: not a dask scheduler file .not JSON"):
+        connect(str(tmp_path / "text.json"))
+    with pytest.raises(ConfigError, match="unknown host nosuchhost.invalid"):
+        connect("nosuchhost.invalid:8786")
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        free = probe.getsockname()[1]
+    with pytest.raises(ConfigError, match=f"connection refused: nothing listens on 127.0.0.1:{free}"):
+        connect(f"tcp://127.0.0.1:{free}")  # at once, not after dask's 60 s of retries
 
 
 def test_expand_inputs_files_globs_and_lists(tmp_path: Path) -> None:
@@ -160,6 +206,18 @@ def test_manifest_readable_after_a_writer_is_killed_mid_transaction(tmp_path: Pa
         writer.wait()
     rows = read_manifest(tmp_path)
     assert [(r.input, r.status, r.output) for r in rows] == [("/a.tif", "done", "/out/a.tif")]
+
+
+def test_a_table_of_another_schema_is_not_a_manifest(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / MANIFEST_NAME
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE scenes (input TEXT PRIMARY KEY, foo TEXT)")
+    with pytest.raises(OutputError, match="cannot open the batch manifest .not a geoseg manifest: .*no column"):
+        Manifest(path)
+    with sqlite3.connect(path) as db:  # left as it was
+        assert [row[1] for row in db.execute("PRAGMA table_info(scenes)")] == ["input", "foo"]
 
 
 def test_out_dir_lock_refuses_a_second_holder_and_dies_with_its_process(tmp_path: Path) -> None:
@@ -336,6 +394,46 @@ def test_outputs_that_the_batch_did_not_write_are_not_replaced(
     assert (out / "scene_landcover.tif").read_bytes() == b"someone else's file"
 
 
+def test_extra_outputs_not_written_by_the_batch_are_kept_and_missing_ones_redone(
+    client: Any, tmp_path: Path, make_scene: Any, tiny_model_file: Path
+) -> None:
+    scenes = make_scenes(make_scene, 2)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "scene0_areas.json").write_text("a user's file")
+    config = PredictConfig(model=str(tiny_model_file))
+    wanted = OutputOptions(stats=Path("{stem}_areas.json"), vector=Path("{stem}.geojson"))
+    inputs = [str(s) for s in scenes]
+    first = run_batch(inputs, out, config, client=client, outputs=wanted)
+    assert (first.done, first.failed) == (1, 1)
+    assert first.failures == [
+        (inputs[0], f"{out / 'scene0_areas.json'}: exists but this out dir's manifest did not write it; "
+         "move it or use --force")
+    ]
+    assert (out / "scene0_areas.json").read_text() == "a user's file"
+    assert not (out / "scene0_landcover.tif").exists() and not (out / "scene0.geojson").exists()
+    row = {r.input: r for r in read_manifest(out)}[inputs[1]]
+    assert row.extra_output_sizes() == {
+        str(out / "scene1_areas.json"): (out / "scene1_areas.json").stat().st_size,
+        str(out / "scene1.geojson"): (out / "scene1.geojson").stat().st_size,
+    }
+
+    # A deleted extra output makes its scene be redone; the user's file is still refused.
+    (out / "scene1.geojson").unlink()
+    second = run_batch(inputs, out, config, client=client, outputs=wanted)
+    assert (second.done, second.skipped, second.failed) == (1, 0, 1)
+    assert json.loads((out / "scene1.geojson").read_text())["features"]
+    (out / "scene0_areas.json").unlink()
+    third = run_batch(inputs, out, config, client=client, outputs=wanted)
+    assert (third.done, third.skipped, third.failed) == (1, 1, 0)
+    assert json.loads((out / "scene0_areas.json").read_text())["classes"]
+    assert no_temporaries(out)
+
+    # Two templates giving one name: the hint says so (both have {stem}).
+    with pytest.raises(ConfigError, match="two output templates give the same name"):
+        run_batch(inputs, out, config, client=client, outputs=OutputOptions(stats=Path("{stem}_landcover.tif")))
+
+
 def test_on_error_stop_leaves_the_rest_for_the_next_run(
     client: Any, tmp_path: Path, make_scene: Any, tiny_model_file: Path
 ) -> None:
@@ -346,14 +444,19 @@ def test_on_error_stop_leaves_the_rest_for_the_next_run(
     config = PredictConfig(model=str(tiny_model_file))
     stopped = run_batch(inputs, out, config, client=client, on_error="stop")
     assert not stopped.ok and stopped.total == 7 and stopped.not_run >= 1
+    # Only the corrupt scene failed: a scene running at the stop finished and is recorded done.
+    assert stopped.failed == 1 and stopped.done + stopped.not_run == 6
     rows = {r.input: r for r in read_manifest(out)}
     assert rows[str(bad)].status == "failed"
     statuses = [rows[str(s)].status for s in scenes]
     assert statuses.count("queued") == stopped.not_run  # never started: left for the next run
     assert statuses.count("done") == stopped.done
     for scene in scenes:
-        if rows[str(scene)].status == "queued":
-            assert not (out / f"{scene.stem}_landcover.tif").exists()
+        output = out / f"{scene.stem}_landcover.tif"
+        assert output.exists() == (rows[str(scene)].status == "done")
+        if output.exists():
+            assert rows[str(scene)].output_sha256 == file_sha256(output)
+    assert no_temporaries(out)
 
     rest = run_batch(inputs, out, config, client=client)
     assert (rest.done, rest.skipped, rest.failed) == (6 - stopped.done, stopped.done, 1)
@@ -457,6 +560,69 @@ def test_killed_worker_scene_is_retried_once_then_failed(
     )
     assert not (out / "twice_landcover.tif").exists()
     assert no_temporaries(out)  # the killed attempts' temporary files are cleaned up
+
+
+def test_a_finished_scene_is_not_predicted_again_when_its_worker_dies_later(
+    client: Any, tmp_path: Path, make_scene: Any, make_model_file: Any
+) -> None:
+    # dask reruns a task whose result was on a dead worker, if the driver still holds its future.
+    model = make_model_file("b0.safetensors", arch_overrides={})
+    scenes = [make_scene(f"s{i}.tif", width=768, height=768, seed=i) for i in range(3)]
+    out = tmp_path / "out"
+    config = PredictConfig(model=str(model))
+    result: dict[str, Any] = {}
+    batch = threading.Thread(
+        target=lambda: result.update(summary=run_batch([str(s) for s in scenes], out, config, client=client))
+    )
+    batch.start()
+    finished: dict[str, Any] = {}  # the scene done on the worker that was killed: its row and output
+    deadline = time.monotonic() + 2 * CLUSTER_TIMEOUT_S
+    while batch.is_alive() and not finished and time.monotonic() < deadline:
+        rows = read_manifest(out) if (out / MANIFEST_NAME).exists() else []
+        done = {r.worker_pid: r for r in rows if r.status == "done"}
+        for row in rows:
+            if row.status == "running" and row.worker_pid in done:  # its worker finished a scene before
+                finished.update(row=done[row.worker_pid], stat=os.stat(done[row.worker_pid].output))
+                os.kill(row.worker_pid, signal.SIGKILL)
+                break
+        time.sleep(0.05)
+    batch.join(timeout=CLUSTER_TIMEOUT_S)
+    assert not batch.is_alive() and finished, "no worker ran a second scene"
+    assert (result["summary"].done, result["summary"].failed) == (3, 0)
+    before, stat = finished["row"], finished["stat"]
+    after = {r.input: r for r in read_manifest(out)}[before.input]
+    assert (after.worker_pid, after.finished_at, after.attempts) == (before.worker_pid, before.finished_at, 1)
+    now = os.stat(before.output)
+    assert (now.st_ino, now.st_mtime_ns) == (stat.st_ino, stat.st_mtime_ns)  # not rewritten
+    assert no_temporaries(out)
+
+
+def test_cli_batch_stopped_by_sigterm_says_what_it_left_and_removes_temporaries(
+    tmp_path: Path, make_scene: Any, make_model_file: Any
+) -> None:
+    model = make_model_file("b0.safetensors", arch_overrides={})
+    for i in range(3):
+        make_scene(f"s{i}.tif", width=768, height=768, seed=i)
+    out = tmp_path / "out"
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "geoseg", "batch", str(tmp_path / "s*.tif"), "--out-dir", str(out),
+         "--workers", "1", "--model", str(model)],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + CLUSTER_TIMEOUT_S
+    while driver.poll() is None and time.monotonic() < deadline:
+        rows = read_manifest(out) if (out / MANIFEST_NAME).exists() else []
+        if any(r.status == "running" for r in rows):
+            driver.send_signal(signal.SIGTERM)  # what a job scheduler sends
+            break
+        time.sleep(0.05)
+    _, stderr = driver.communicate(timeout=CLUSTER_TIMEOUT_S)
+    assert driver.returncode == 128 + signal.SIGTERM, stderr
+    assert "Traceback" not in stderr, stderr
+    rows = read_manifest(out)
+    done = sum(r.status == "done" for r in rows)
+    assert f"interrupted: {done} of 3 scenes done in this run (0 done before), 0 failed, {3 - done} left for the next run" in stderr
+    assert done < 3 and no_temporaries(out)  # the interrupted scene's temporary file is gone
 
 
 def test_cli_batch_local_cluster_reports_a_failing_scene(
