@@ -180,7 +180,7 @@ def refine_block(
     valid: npt.NDArray[np.bool_],
     params: CrfParams,
     crop: tuple[int, int, int, int] | None = None,
-) -> npt.NDArray[np.uint8]:
+) -> npt.NDArray[np.unsignedinteger[Any]]:
     """Run the dense CRF on one block; returns the refined class *indexes* (model order).
 
     Runs in a worker process: numpy in, numpy out, nothing shared.
@@ -194,7 +194,8 @@ def refine_block(
             ``None`` returns the whole block.
 
     Returns:
-        ``(height, width)`` uint8 indexes into the model's classes (arbitrary where not valid).
+        ``(height, width)`` indexes into the model's classes, uint8 (uint16 past 256 classes);
+        arbitrary where not valid.
     """
     import pydensecrf.densecrf as dcrf
     from pydensecrf.utils import create_pairwise_bilateral, create_pairwise_gaussian
@@ -229,7 +230,7 @@ def refine_block(
     if crop is not None:
         top, left, h, w = crop
         marginals = marginals[:, top:top + h, left:left + w]
-    return marginals.argmax(axis=0).astype(np.uint8)
+    return marginals.argmax(axis=0).astype(np.uint8 if num_classes <= 256 else np.uint16)  # past 256: no wrap
 
 
 def stretch_to_bytes(
@@ -281,7 +282,7 @@ class _Band:
     classes: npt.NDArray[np.integer]
     valid: npt.NDArray[np.bool_]
     probabilities: npt.NDArray[np.float32] | None
-    jobs: list[tuple[int, int, Future[npt.NDArray[np.uint8]]]]  # (col, width, refined indexes)
+    jobs: list[tuple[int, int, Future[npt.NDArray[np.unsignedinteger[Any]]]]]  # (col, width, refined indexes)
 
 
 class CrfStage:

@@ -204,6 +204,9 @@ def predict_scene(
             "GEOSEG_BANDS": ",".join(map(str, scene.band_indexes)),
             "GEOSEG_SOURCE": source.tag,
         }
+        if config.crf is not None:  # the map was refined: say how, so two maps can be told apart
+            kernels = dataclasses.asdict(config.crf.params())
+            tags["GEOSEG_CRF"] = ", ".join(f"{key}={value}" for key, value in kernels.items())
         stages = build_stages(scene, model.metadata, config)
         sinks = build_sinks(scene, model.metadata, config, outputs, tags)
         try:
@@ -371,8 +374,8 @@ def build_sinks(
             sinks.append(ProbabilityWriter(outputs.probabilities, scene, meta.classes, outputs.probabilities_dtype,
                                            config.compress, tags, cog=config.cog))
         if outputs.confidence is not None:
-            sinks.append(ConfidenceWriter(outputs.confidence, scene, outputs.probabilities_dtype,
-                                          config.compress, tags, cog=config.cog))
+            sinks.append(ConfidenceWriter(outputs.confidence, scene, meta.classes,
+                                          outputs.probabilities_dtype, config.compress, tags, cog=config.cog))
         if outputs.stats is not None:
             info = {"scene": scene.label, "model": meta.name, "aoi": aoi_label(outputs.aoi)}
             sinks.append(StatsWriter(outputs.stats, meta.classes, scene.transform, scene.crs, info))

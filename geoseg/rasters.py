@@ -102,10 +102,11 @@ class ProbabilityWriter(TiledRasterWriter):
 
 
 class ConfidenceWriter(TiledRasterWriter):
-    """Writes one band: the probability of the class each pixel was given (the top class).
+    """Writes one band: the probability of the class each pixel was given.
 
-    uint8 nodata is 0 (a top-class probability is at least 1/K, so valid pixels are at least 1);
-    float32 nodata is NaN.
+    That is the top class's probability, except where a CRF (:mod:`geoseg.crf`) changed the class:
+    there it is the network's probability of the class the map shows. uint8 nodata is 0 (a
+    top-class probability is at least 1/K, so valid pixels are at least 1); float32 nodata is NaN.
     """
 
     needs_probabilities = True
@@ -114,6 +115,7 @@ class ConfidenceWriter(TiledRasterWriter):
         self,
         dst: Path,
         scene: Scene,
+        classes: Sequence[ClassSpec],
         dtype: ProbabilityDtype,
         compress: str,
         tags: Mapping[str, str],
@@ -121,6 +123,9 @@ class ConfidenceWriter(TiledRasterWriter):
         cog: bool = False,
     ):
         self.encoding = dtype
+        ids = np.array([c.id for c in classes])
+        self._index_of = np.zeros(int(ids.max()) + 1, np.intp)  # class id -> row of the probabilities
+        self._index_of[ids] = np.arange(len(ids))
         profile = _probability_profile(scene, 1, dtype, compress)
         profile["nodata"] = float("nan") if dtype == "float32" else CONFIDENCE_UINT8_NODATA
         super().__init__(dst, profile, cog=CogOptions("average", compress) if cog else None)
@@ -132,7 +137,9 @@ class ConfidenceWriter(TiledRasterWriter):
     def write(self, block: RowBlock) -> None:
         """Write one finished row block (needs ``block.probabilities``)."""
         assert block.probabilities is not None, "the engine computes probabilities for sinks that need them"
-        values = encode_probabilities(block.probabilities.max(axis=0), self.encoding)
+        given = np.where(block.valid, block.classes, 0).clip(0, self._index_of.size - 1)
+        chosen = np.take_along_axis(block.probabilities, self._index_of[given][None], axis=0)[0]
+        values = encode_probabilities(chosen, self.encoding)
         if self.encoding == "uint8":
             np.maximum(values, 1, out=values)  # with thousands of classes 1/K could round to 0, the nodata value
             values[~block.valid] = CONFIDENCE_UINT8_NODATA

@@ -65,6 +65,16 @@ def test_crf_recovers_regions_better_than_argmax_of_blurred_unaries() -> None:
 
 
 @needs_pydensecrf
+def test_class_indexes_past_255_do_not_wrap() -> None:
+    # a 300-class model sure of its last class everywhere: the refined index is 299, not 299 % 256
+    probabilities = np.full((300, 16, 16), 0.1 / 299, np.float32)
+    probabilities[299] = 0.9
+    features = np.zeros((4, 16, 16), np.uint8)  # (bands, h, w), as the stage passes them
+    refined = refine_block(probabilities, features, np.ones((16, 16), bool), CrfConfig().params())
+    assert refined.dtype == np.uint16 and (refined == 299).all()
+
+
+@needs_pydensecrf
 def test_valid_pixels_do_not_feel_what_nodata_pixels_hold() -> None:
     truth, features, probabilities = _two_regions(seed=1)
     valid = np.ones(truth.shape, bool)
@@ -196,6 +206,33 @@ def test_stage_streams_rows_in_order_and_keeps_nodata(make_scene: Any, tiny_meta
     whole = class_ids[refine_block(probabilities, features, ~invalid, stage.params)]
     changed, agreement = (refined != classes).mean(), (refined == whole)[~invalid].mean()
     assert changed > 0.01 and agreement > 0.98, (changed, agreement)
+
+
+@needs_pydensecrf
+def test_confidence_is_the_probability_of_the_class_the_crf_gave(tmp_path: Path) -> None:
+    from geoseg.outputs import OutputOptions
+    from geoseg.pipeline import predict_scene
+
+    sample = Path(__file__).parents[1] / "sample_data" / "zion_sample.tif"
+    crop = tmp_path / "crop.tif"
+    with rasterio.open(sample) as src:
+        window = rasterio.windows.Window(0, 0, 160, 120)
+        profile = src.profile | {"width": 160, "height": 120, "transform": src.window_transform(window)}
+        with rasterio.open(crop, "w", **profile) as dst:
+            dst.write(src.read(window=window))
+    outputs = OutputOptions(probabilities=tmp_path / "p.tif", confidence=tmp_path / "c.tif",
+                            probabilities_dtype="float32")
+    config = PredictConfig(device="cpu", precision="fp32", crf=CrfConfig(workers=1))
+    predict_scene(crop, tmp_path / "map.tif", config, outputs=outputs)
+    with rasterio.open(tmp_path / "map.tif") as m, rasterio.open(tmp_path / "p.tif") as p:
+        classes, probabilities = m.read(1).astype(int), p.read()
+    with rasterio.open(tmp_path / "c.tif") as c:
+        confidence = c.read(1)
+    given = np.take_along_axis(probabilities, (classes - 1)[None], axis=0)[0]  # the model's ids are 1..8
+    assert (confidence != probabilities.max(axis=0)).sum() > 50  # the CRF changed classes here
+    np.testing.assert_array_equal(confidence, given)
+    with rasterio.open(tmp_path / "map.tif") as m:  # the provenance says the map was refined, and how
+        assert m.tags()["GEOSEG_CRF"].startswith("iterations=1, gaussian_sxy=3.0,")
 
 
 @needs_pydensecrf
