@@ -644,10 +644,11 @@ def import_weights(src: str, out: str, bands: str, source_bands: str | None, cla
         save_model(out_path, result.state_dict, result.metadata)
         meta = result.metadata
         what = "whole model" if result.parts == "whole" else "encoder (new, untrained decode head)"
-        click.echo(
-            f"wrote {out}: {what} of {meta.variant}, {len(meta.bands)} bands, {len(meta.classes)} classes"
-            + (f"; {result.band_expansion}" if result.band_expansion else "")
-        )
+        if not quiet:  # -q: only errors
+            click.echo(
+                f"wrote {out}: {what} of {meta.variant}, {len(meta.bands)} bands, {len(meta.classes)} classes"
+                + (f"; {result.band_expansion}" if result.band_expansion else "")
+            )
 
 
 @main.command()
@@ -671,7 +672,8 @@ def export(model: str, out: str, opset: int, overwrite: bool, verbose: int, quie
         from .onnx_export import export_onnx
 
         export_onnx(model, out, opset=opset, overwrite=overwrite)
-        click.echo(f"wrote {out} (ONNX opset {opset})")
+        if not quiet:
+            click.echo(f"wrote {out} (ONNX opset {opset})")
 
 
 TRAIN_PRECISIONS = ("fp32", "bf16", "auto")

@@ -127,8 +127,8 @@ class ModelMetadata:
         ids = [c.id for c in self.classes]
         if len(set(ids)) != len(ids):
             raise ConfigError(f"class ids must be unique, got {ids}")
-        if any(not 0 <= i <= 65535 for i in ids):
-            raise ConfigError("class ids must be in 0..65535")
+        if any(not isinstance(i, int) or isinstance(i, bool) or not 0 <= i <= 65535 for i in ids):
+            raise ConfigError(f"class ids must be integers in 0..65535, got {ids}")
         bad = [c.color for c in self.classes if not _COLOR_RE.match(c.color)]
         if bad:
             raise ConfigError(f"class colours must be #rrggbb, got {bad}")
@@ -337,10 +337,11 @@ def read_metadata(path: str | os.PathLike[str]) -> ModelMetadata:
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{path}: not a safetensors model file ({_first_line(err)})") from err
     if METADATA_KEY not in header:
-        raise CheckpointError(f"{path}: safetensors file without geoseg metadata (make one with geoseg init-model)")
+        raise CheckpointError(f"{path}: safetensors file without geoseg metadata (a Hugging Face checkpoint? "
+                              "import it with geoseg import-weights; a new model: geoseg init-model)")
     try:
         return ModelMetadata.from_json(header[METADATA_KEY])
-    except (ValueError, KeyError, TypeError) as err:
+    except (ValueError, KeyError, TypeError, RecursionError) as err:  # RecursionError: absurdly nested JSON
         raise CheckpointError(f"{path}: corrupt geoseg metadata ({_first_line(err)})") from err
 
 
@@ -436,6 +437,9 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{path}: cannot read weights ({_first_line(err)})") from err
     tensors = {k: (v.float() if v.is_floating_point() else v) for k, v in tensors.items()}
+    mismatch = _weights_mismatch(network.state_dict(), tensors)
+    if mismatch:
+        raise CheckpointError(f"{path}: weights do not match the architecture ({mismatch})")
     try:
         network.load_state_dict(tensors, strict=True)
     except RuntimeError as err:
@@ -487,6 +491,22 @@ def new_metadata(
         classes=tuple(classes),
         **fields,
     )
+
+
+def _weights_mismatch(expected: Mapping[str, Any], given: Mapping[str, Any], most: int = 3) -> str:
+    """What differs between the architecture's tensors and a file's, in words ("" when nothing)."""
+    missing = [k for k in expected if k not in given]
+    extra = [k for k in given if k not in expected]
+    shapes = [f"{k} is {tuple(given[k].shape)}, the architecture's {tuple(v.shape)}"
+              for k, v in expected.items() if k in given and tuple(given[k].shape) != tuple(v.shape)]
+
+    def listed(what: str, names: list[str]) -> str:
+        more = f" and {len(names) - most} more" if len(names) > most else ""
+        return f"{what} {', '.join(names[:most])}{more}"
+
+    parts = [listed("missing", missing) if missing else "", listed("unexpected", extra) if extra else "",
+             "; ".join(shapes[:most]) + (f" and {len(shapes) - most} more" if len(shapes) > most else "")]
+    return "; ".join(p for p in parts if p)
 
 
 def _first_line(err: BaseException) -> str:

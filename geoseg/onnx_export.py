@@ -90,7 +90,7 @@ def export_onnx(
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.simplefilter("ignore", UserWarning)
-            torch.onnx.export(
+            _export(
                 loaded.module,
                 (example,),
                 str(tmp),
@@ -117,6 +117,18 @@ def export_onnx(
         tmp.unlink(missing_ok=True)
     log.info("wrote %s (opset %d) from %s", out, opset, source)
     return out
+
+
+def _export(*args: Any, opset_version: int, **kwargs: Any) -> None:
+    """``torch.onnx.export``, with an opset this torch cannot write as a one-line error."""
+    try:
+        torch.onnx.export(*args, opset_version=opset_version, **kwargs)
+    except RuntimeError as err:
+        if "opset" not in str(err).lower():
+            raise
+        highest = getattr(getattr(torch.onnx, "_constants", None), "ONNX_MAX_OPSET", None)
+        most = f"up to {highest}" if highest else "lower opsets"
+        raise ConfigError(f"--opset {opset_version}: torch {torch.__version__} exports {most}") from err
 
 
 class OnnxSegmenter(torch.nn.Module):
@@ -213,7 +225,7 @@ def read_onnx_metadata(path: str | os.PathLike[str], session: Any = None) -> Mod
         raise CheckpointError(f"{path}: ONNX model without geoseg metadata (make one with geoseg export)")
     try:
         metadata = ModelMetadata.from_json(props[METADATA_KEY])
-    except (ValueError, KeyError, TypeError) as err:
+    except (ValueError, KeyError, TypeError, RecursionError) as err:
         raise CheckpointError(f"{path}: corrupt geoseg metadata ({str(err).splitlines()[0]})") from err
     inputs, outputs = session.get_inputs(), session.get_outputs()
     if [i.name for i in inputs] != [INPUT_NAME] or OUTPUT_NAME not in [o.name for o in outputs]:
@@ -223,6 +235,16 @@ def read_onnx_metadata(path: str | os.PathLike[str], session: Any = None) -> Mod
         raise CheckpointError(
             f"{path}: the graph takes {channels} bands, the metadata lists {len(metadata.bands)}"
         )
+    logits = next(o for o in outputs if o.name == OUTPUT_NAME).shape
+    classes = logits[1] if len(logits) == 4 else None
+    if isinstance(classes, int) and classes != len(metadata.classes):
+        raise CheckpointError(
+            f"{path}: the graph gives {classes} classes, the metadata lists {len(metadata.classes)}"
+        )
+    size = inputs[0].shape[2:] if len(inputs[0].shape) == 4 else []
+    if any(isinstance(s, int) for s in size):  # geoseg exports any tile size (dynamic axes)
+        raise CheckpointError(f"{path}: the graph takes tiles of {' x '.join(map(str, size))} px only; "
+                              "geoseg needs any tile size (export with dynamic height and width)")
     return metadata
 
 

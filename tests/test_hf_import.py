@@ -124,6 +124,9 @@ def test_weights_file_path_and_cli_round_trip(tmp_path: Path) -> None:
     )
     assert result.exit_code == 0, result.output
     assert "whole model" in result.output
+    args = ["import-weights", str(folder / "model.safetensors"), str(out), "--bands", "red,green,blue"]
+    again = CliRunner().invoke(main, [*args, "--overwrite", "-q"])
+    assert again.exit_code == 0 and again.output == "", again.output  # -q: only errors
     loaded = load_model(out)
     x = pixels(2, 3, 64, 64)
     with torch.no_grad():

@@ -117,7 +117,7 @@ def test_corrupt_model_files(tmp_path: Path, tiny_model_file: Path, kind: str) -
 def test_safetensors_without_geoseg_metadata(tmp_path: Path) -> None:
     path = tmp_path / "plain.safetensors"
     save_file({"w": torch.zeros(2)}, str(path), metadata={"format": "pt"})
-    with pytest.raises(CheckpointError, match="without geoseg metadata"):
+    with pytest.raises(CheckpointError, match="without geoseg metadata .*geoseg import-weights"):
         load_model(path)
 
 
@@ -128,6 +128,9 @@ def test_safetensors_without_geoseg_metadata(tmp_path: Path) -> None:
         (lambda d: d.update(format_version=99), "version 99"),
         (lambda d: d.pop("bands"), "corrupt geoseg metadata"),
         (lambda d: d.update(classes=[]), "corrupt geoseg metadata"),
+        # another tool's 1.0 or a hand-edited 1.5: refused here, not when the output is written
+        (lambda d: d["classes"][0].update(id=1.5), "class ids must be integers"),
+        (lambda d: d["classes"][0].update(id=1.0), "class ids must be integers"),
     ],
 )
 def test_corrupt_metadata(tmp_path: Path, tiny_metadata, mutate, message: str) -> None:
@@ -140,9 +143,10 @@ def test_corrupt_metadata(tmp_path: Path, tiny_metadata, mutate, message: str) -
         load_model(path)
 
 
-def test_metadata_that_is_not_json(tmp_path: Path) -> None:
+@pytest.mark.parametrize("text", ["{not json", "[" * 100_000])  # the second: too deep for the parser
+def test_metadata_that_is_not_json(tmp_path: Path, text: str) -> None:
     path = tmp_path / "bad.safetensors"
-    save_file({"w": torch.zeros(2)}, str(path), metadata={METADATA_KEY: "{not json"})
+    save_file({"w": torch.zeros(2)}, str(path), metadata={METADATA_KEY: text})
     with pytest.raises(CheckpointError, match="corrupt geoseg metadata"):
         read_metadata(path)
 
@@ -156,15 +160,17 @@ def test_weights_for_other_bands_are_incompatible(tmp_path: Path, tiny_metadata)
         load_model(path)
     assert str(path) in str(err.value)
     assert "\n" not in str(err.value)
+    assert "is (8, 3, 7, 7), the architecture's (8, 4, 7, 7)" in str(err.value)  # the first embedding
 
 
 def test_missing_tensor_is_incompatible(tmp_path: Path, tiny_metadata) -> None:
     meta = tiny_metadata()
     weights = dict(build_network(meta).state_dict())
-    weights.pop(next(iter(weights)))
+    first = next(iter(weights))
+    weights.pop(first)
     path = tmp_path / "partial.safetensors"
     save_model(path, weights, meta)
-    with pytest.raises(CheckpointError, match="weights do not match"):
+    with pytest.raises(CheckpointError, match=f"weights do not match the architecture \\(missing {first}\\)"):
         load_model(path)
 
 

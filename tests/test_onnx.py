@@ -184,6 +184,44 @@ def test_onnx_without_geoseg_metadata_or_corrupt(tmp_path: Path, make_scene) -> 
     assert_one_line_error(result, "corrupt.onnx", "not an ONNX model")
 
 
+@pytest.mark.parametrize(
+    ("shape_in", "classes", "message"),
+    [
+        (["batch", 4, "h", "w"], 7, "the graph gives 7 classes, the metadata lists 3"),
+        (["batch", 4, 64, 64], 3, "takes tiles of 64 x 64 px only"),
+    ],
+)
+def test_onnx_graph_that_does_not_fit_its_metadata(
+    tmp_path: Path, tiny_model_file: Path, shape_in: list, classes: int, message: str
+) -> None:
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.ones((classes, 4, 1, 1), np.float32), "weight")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["pixel_values", "weight"], ["logits"])],  # a 1x1 convolution
+        "g",
+        [helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT, shape_in)],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)],
+        initializer=[weight],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8)
+    prop = model.metadata_props.add()
+    prop.key, prop.value = "geoseg", read_metadata(tiny_model_file).to_json()
+    path = tmp_path / "mismatch.onnx"
+    onnx.save(model, str(path))
+    assert len(read_metadata(tiny_model_file).classes) == 3
+    with pytest.raises(CheckpointError, match=message) as err:
+        load_model(path)
+    assert str(path) in str(err.value)
+
+
+def test_an_opset_this_torch_cannot_write_is_one_line(tmp_path: Path, tiny_model_file: Path) -> None:
+    args = ["export", str(tiny_model_file), str(tmp_path / "m.onnx"), "--opset", "99"]
+    result = CliRunner().invoke(main, args)
+    assert_one_line_error(result, "--opset 99: torch", "exports")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_missing_onnxruntime_gives_the_pip_command(monkeypatch: pytest.MonkeyPatch, tiny_onnx: Path) -> None:
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
     with pytest.raises(DependencyNotFoundError, match=r"pip install 'geoseg\[onnx\]'") as err:
