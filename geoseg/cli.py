@@ -405,7 +405,8 @@ def batch(inputs: tuple[str, ...], out_dir: str, template: str, scheduler: str |
 
         config = _predict_config(config_file, flags)
         if scheduler and workers:
-            log.warning("--workers is for the local cluster; with --scheduler the cluster's workers run the scenes")
+            log.warning("--workers is for the local cluster; with --scheduler the cluster's workers run "
+                        "the scenes")
         client = connect(scheduler) if scheduler else None
         with client if client is not None else nullcontext():
             summary = run_batch(
@@ -466,8 +467,9 @@ def _floats(values: tuple[float, ...]) -> str:
 
 
 def _arch_override(item: str) -> tuple[str, Any]:
-    """``KEY=VALUE`` with VALUE read as YAML, as in a config file's ``arch_overrides``: ``gelu``,
-    ``64``, ``[8,16,24,32]``; ``8,16,24,32`` is a list too.
+    """``KEY=VALUE`` with VALUE read as YAML, as in a config file's ``arch_overrides``.
+
+    So ``gelu``, ``64`` and ``[8,16,24,32]`` work; ``8,16,24,32`` is a list too.
 
     Raises:
         ConfigError: No ``=``, no key, or VALUE is not valid YAML.
@@ -483,7 +485,9 @@ def _arch_override(item: str) -> tuple[str, Any]:
             value = [yaml.safe_load(part) for part in value.split(",")]
     except yaml.YAMLError as err:
         problem = getattr(err, "problem", None) or "not valid YAML"
-        raise ConfigError(f"--arch-override {item!r}: VALUE must be a number, text or list ({problem})") from None
+        raise ConfigError(
+            f"--arch-override {item!r}: VALUE must be a number, text or list ({problem})"
+        ) from None
     return key.strip(), value
 
 
@@ -514,7 +518,7 @@ def init_model(out: str, arch: str, bands: str, source_bands: str | None, classe
         from pathlib import Path
 
         from .config import parse_band_list
-        from .errors import ConfigError, OutputError
+        from .errors import OutputError
         from .modelfile import Normalization, check_not_an_input, load_classes, new_metadata, save_model
 
         out_path = Path(out)
@@ -790,7 +794,8 @@ def evaluate(pred: str, ref: str, classes: str | None, rows: str | None, window:
         metrics = evaluate_rasters(pred, ref, class_map, region)
         click.echo(metrics.format_table())
         if json_file:
-            write_figures(json_file, metrics.to_json(prediction=pred, reference=ref, region=metrics.region) + "\n")
+            figures = metrics.to_json(prediction=pred, reference=ref, region=metrics.region)
+            write_figures(json_file, figures + "\n")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -254,7 +254,8 @@ def _read_geojson(path: str) -> VectorData:
 
 def _json_kind(value: Any) -> str:
     """How a JSON value is called in messages: list, string, number, ..."""
-    return {list: "list", str: "string", bool: "boolean", int: "number", float: "number"}.get(type(value), "null")
+    names = {list: "list", str: "string", bool: "boolean", int: "number", float: "number"}
+    return names.get(type(value), "null")
 
 
 def _read_with_fiona(path: str, layer: str | None) -> VectorData:

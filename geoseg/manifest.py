@@ -38,7 +38,7 @@ CREATE TABLE IF NOT EXISTS scenes (
     output TEXT,                     -- absolute path of the class raster
     output_sha256 TEXT,
     output_size INTEGER,
-    extra_outputs TEXT,              -- JSON {path: size (NULL for a folder or not written yet)} of --stats, ...
+    extra_outputs TEXT,              -- JSON {path: size (NULL: a folder, or not written)} of --stats, ...
     attempts INTEGER NOT NULL DEFAULT 0,  -- starts on a worker in the latest run (2 = retried once)
     worker TEXT,                     -- address of the worker of the latest attempt
     worker_pid INTEGER,
@@ -96,7 +96,7 @@ class SceneRecord:
     geoseg_version: str | None = None
 
     def extra_output_sizes(self) -> dict[str, int | None] | None:
-        """The extra outputs (``--stats``, ...) and their sizes; ``None`` when not recorded (older manifests)."""
+        """The extra outputs (``--stats``, ...) and their sizes; ``None``: not recorded (older manifests)."""
         return json.loads(self.extra_outputs) if self.extra_outputs is not None else None
 
     @property

@@ -177,7 +177,9 @@ def load_classes(path: str | os.PathLike[str]) -> tuple[tuple[ClassSpec, ...], i
         data = json.loads(path.read_text())
         entries = data["classes"]
         ignore = data.get("ignore_index")
-        classes = tuple(ClassSpec(id=_class_id(c["id"]), name=c["name"], color=str(c["color"])) for c in entries)
+        classes = tuple(
+            ClassSpec(id=_class_id(c["id"]), name=c["name"], color=str(c["color"])) for c in entries
+        )
     except OSError as err:
         raise ConfigError(f"{path}: cannot read classes file ({err.strerror or err})") from err
     except (ValueError, KeyError, TypeError) as err:
@@ -205,7 +207,9 @@ def load_classes(path: str | os.PathLike[str]) -> tuple[tuple[ClassSpec, ...], i
         try:
             ignore = _class_id(ignore)
         except (ValueError, TypeError):
-            raise ConfigError(f"{path}: ignore_index must be an integer in 0..65535, got {ignore!r}") from None
+            raise ConfigError(
+                f"{path}: ignore_index must be an integer in 0..65535, got {ignore!r}"
+            ) from None
         if not 0 <= ignore <= 65535:
             raise ConfigError(f"{path}: ignore_index must be an integer in 0..65535, got {ignore}")
         if ignore in ids:
@@ -236,7 +240,8 @@ def check_not_an_input(out: str | os.PathLike[str], inputs: Mapping[str, Any], o
     """
     out_path = Path(out)
     for what, given in inputs.items():
-        paths = [given] if isinstance(given, (str, os.PathLike)) else [p for p in given or () if p is not None]
+        single = isinstance(given, (str, os.PathLike))
+        paths = [given] if single else [p for p in given or () if p is not None]
         for path in paths:
             if "://" in os.fspath(path):
                 continue
@@ -300,8 +305,11 @@ def apply_umask(path: str | os.PathLike[str]) -> None:
 
 
 def _umask() -> int:
-    """The process's umask, read without changing it where Linux shows it (other threads may be
-    creating files meanwhile); elsewhere set and restored at once."""
+    """The process's umask.
+
+    Read without changing it where Linux shows it (other threads may be creating files
+    meanwhile); elsewhere set and restored at once.
+    """
     try:
         with open("/proc/self/status", encoding="ascii") as status:
             for line in status:

@@ -56,9 +56,11 @@ class OutputOptions:
             raise ConfigError(f"vector minimum area must be >= 0, got {self.vector_min_area!r}")
 
     def interrupted_note(self, dst: Path, since: float) -> str:
-        """What exists after an interrupt while the derived outputs (polygons, report, STAC Item)
-        were being made: DST and the streamed outputs, and the derived ones finished at ``since``
-        or later (each appears only complete)."""
+        """What exists after an interrupt while the derived outputs were being made.
+
+        That is DST and the streamed outputs, and those of the derived ones (polygons, report, STAC
+        Item) finished at ``since`` or later (each appears only complete).
+        """
         written = [dst, *(p for p in (self.probabilities, self.confidence, self.stats) if p is not None)]
         missing = []
         for path in (self.vector, self.report, self.stac):
@@ -80,8 +82,8 @@ class OutputOptions:
 
     def named_files(self) -> dict[str, Path]:
         """The outputs asked for, by the option that names each (``--stats``: its path)."""
-        chosen = {"--probabilities": self.probabilities, "--confidence": self.confidence, "--stats": self.stats,
-                  "--vector": self.vector, "--report": self.report, "--stac": self.stac}
+        chosen = {"--probabilities": self.probabilities, "--confidence": self.confidence,
+                  "--stats": self.stats, "--vector": self.vector, "--report": self.report, "--stac": self.stac}
         return {option: path for option, path in chosen.items() if path is not None}
 
 
@@ -100,7 +102,8 @@ def check_output_destinations(outputs: OutputOptions, dst: Path, sources: Sequen
     seen = {os.path.abspath(dst): "the class raster"}
     for option, path in outputs.named_files().items():
         if os.path.abspath(path) in seen:
-            raise OutputError(f"{path}: {option} is also given as {seen[os.path.abspath(path)]}; choose another name")
+            other = seen[os.path.abspath(path)]
+            raise OutputError(f"{path}: {option} is also given as {other}; choose another name")
         seen[os.path.abspath(path)] = option
         if path == outputs.report:
             from .report import check_report_folder

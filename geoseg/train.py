@@ -1104,7 +1104,8 @@ def _fit(
         if checkpointed is not None:  # say what is on disk (the CLI prints notes with its message)
             what = (f"the best epoch so far (epoch {best['epoch']}, step {best['step']})"
                     if config.has_validation else f"the model after step {best['step']}")
-            err.add_note(f"{out} holds {what}; its checkpoint continues from step {checkpointed} with --resume")
+            err.add_note(f"{out} holds {what}; its checkpoint continues from step {checkpointed} "
+                         "with --resume")
         else:
             err.add_note(f"no epoch had finished; {out} was not written")
         raise

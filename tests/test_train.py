@@ -472,7 +472,7 @@ def test_cli_trains_and_writes_a_model(runner, tmp_path: Path) -> None:
 def test_out_may_not_be_an_input_even_with_overwrite(runner, tmp_path: Path) -> None:
     """train --out and init-model OUT never replace an input of the run (as predict refuses DST == SRC)."""
     config = tiny_config(tmp_path)
-    for option, value in (("--labels", config.labels[0]), ("--image", config.images[0]), ("--classes", config.classes)):
+    for _option, value in (("--labels", config.labels[0]), ("--image", config.images[0]), ("--classes", config.classes)):
         before = Path(value).read_bytes()
         msg = _cli_error(runner, [*_args(config, **{"--out": value}), "--overwrite"])
         assert msg.startswith(f"Error: {value}: --out is an input of this run (")
