@@ -480,11 +480,14 @@ def local_client(workers: int) -> Iterator[Client]:
             host="127.0.0.1",
             dashboard_address="127.0.0.1:0",
             silence_logs=logging.ERROR,
+            preload=["geoseg._worker_setup"],  # workers leave Ctrl-C to this process
         )
     try:
         with Client(cluster) as client:
             yield client
     finally:
+        # After an interrupt the nannies kill workers still busy with a scene: expected, not news.
+        logging.getLogger("distributed.nanny").setLevel(logging.ERROR)
         cluster.close()
 
 

@@ -597,8 +597,13 @@ def test_a_finished_scene_is_not_predicted_again_when_its_worker_dies_later(
     assert no_temporaries(out)
 
 
-def test_cli_batch_stopped_by_sigterm_says_what_it_left_and_removes_temporaries(
-    tmp_path: Path, make_scene: Any, make_model_file: Any
+@pytest.mark.parametrize(
+    ("signum", "group"),
+    [(signal.SIGTERM, False), (signal.SIGINT, True)],  # a job scheduler's stop; a terminal's Ctrl-C
+    ids=["sigterm", "ctrl-c"],
+)
+def test_cli_batch_stopped_by_a_signal_says_what_it_left_and_removes_temporaries(
+    tmp_path: Path, make_scene: Any, make_model_file: Any, signum: int, group: bool
 ) -> None:
     model = make_model_file("b0.safetensors", arch_overrides={})
     for i in range(3):
@@ -607,17 +612,18 @@ def test_cli_batch_stopped_by_sigterm_says_what_it_left_and_removes_temporaries(
     driver = subprocess.Popen(
         [sys.executable, "-m", "geoseg", "batch", str(tmp_path / "s*.tif"), "--out-dir", str(out),
          "--workers", "1", "--model", str(model)],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=group,
     )
     deadline = time.monotonic() + CLUSTER_TIMEOUT_S
     while driver.poll() is None and time.monotonic() < deadline:
         rows = read_manifest(out) if (out / MANIFEST_NAME).exists() else []
         if any(r.status == "running" for r in rows):
-            driver.send_signal(signal.SIGTERM)  # what a job scheduler sends
+            # Ctrl-C reaches the workers too (the whole process group): they must leave it to the driver
+            os.killpg(driver.pid, signum) if group else driver.send_signal(signum)
             break
         time.sleep(0.05)
     _, stderr = driver.communicate(timeout=CLUSTER_TIMEOUT_S)
-    assert driver.returncode == 128 + signal.SIGTERM, stderr
+    assert driver.returncode == 128 + signum, stderr
     assert "Traceback" not in stderr, stderr
     rows = read_manifest(out)
     done = sum(r.status == "done" for r in rows)
