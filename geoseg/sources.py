@@ -25,13 +25,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import unquote, urljoin, urlsplit
 from xml.sax.saxutils import escape
 
 import rasterio
 from rasterio.errors import RasterioError, RasterioIOError
 
-from ._remote import display_name, gdal_path, is_remote, listing_off_if_remote
+from ._remote import display_name, gdal_path, is_remote, listing_off_if_remote, plain_message
 from .errors import ConfigError, InputError
 from .modelfile import LoadedModel, ModelMetadata, Normalization
 
@@ -578,7 +578,7 @@ def _best_asset(name: str, common: str, keys: list[str], item_assets: Mapping[st
 def _resolve_href(location: str, href: str) -> str:
     """An asset href as a path or URI: relative hrefs are relative to the item's location."""
     if href.startswith("file://"):
-        return urlsplit(href).path
+        return unquote(urlsplit(href).path)  # a file URI's path is percent-encoded (%20 for a space)
     if "://" in href:
         return href
     if "://" in location:
@@ -629,4 +629,4 @@ def _float_or_none(value: Any) -> float | None:
 def _first_line(err: BaseException) -> str:
     while "previous exception" in str(err) and err.__cause__ is not None:
         err = err.__cause__
-    return (str(err).strip() or type(err).__name__).splitlines()[0]
+    return plain_message((str(err).strip() or type(err).__name__).splitlines()[0])

@@ -700,7 +700,8 @@ def test_a_server_that_always_fails_mid_scene_fails_the_scene_cleanly(
         predict(url, out / "labels.tif", tiny_loaded_model)
     message = str(err.value)
     where = r"rows \d+-\d+, cols \d+-\d+"
-    assert re.match(rf"{re.escape(url)}: read failed at {where} after 4 attempts \(", message)
+    attempts = geoseg._remote.READ_ATTEMPTS
+    assert re.match(rf"{re.escape(url)}: read failed at {where} after {attempts} attempts \(", message)
     assert "HTTP error code: 503" in message and "IReadBlock failed" in message
     assert "\n" not in message
     assert list(out.iterdir()) == []
@@ -775,3 +776,25 @@ def test_dropped_connections_mid_scene_are_retried_by_geoseg(
     assert server.failed == 2
     retries = [r.getMessage() for r in caplog.records if "trying again" in r.getMessage()]
     assert retries and all(server.url("scene.tif") in r for r in retries)
+
+
+def test_a_transfer_cut_short_is_fetched_again(
+    tmp_path: Path, archive: Path, server: RangeServer, tiny_loaded_model, fast_retries, caplog
+) -> None:
+    """GDAL keeps what arrived of a transfer cut short (here a whole striped file's pixels, read in
+    one request) and serves it to a reopened file too; the retry must forget it and ask again."""
+    with rasterio.open(archive / "scene.tif") as src:
+        profile = src.profile | {"driver": "GTiff", "tiled": False, "compress": "none"}
+        profile.pop("blockxsize"), profile.pop("blockysize")
+        with rasterio.open(server.root / "strips.tif", "w", **profile) as dst:
+            dst.write(src.read())
+    predict(server.root / "strips.tif", tmp_path / "local.tif", tiny_loaded_model)
+    server.fail(1, from_offset=HEADER_BYTES, status=None)
+    with caplog.at_level(logging.WARNING, logger="geoseg"):
+        predict(server.url("strips.tif"), tmp_path / "remote.tif", tiny_loaded_model)
+    assert_same_output(tmp_path / "local.tif", tmp_path / "remote.tif")
+    assert server.failed == 1
+    retries = [r.getMessage() for r in caplog.records if "trying again" in r.getMessage()]
+    assert len(retries) == 1, retries
+    pixels = [r for r in server.requests if r[2] and _parse_ranges(r[2], 1 << 40)[0][0] >= HEADER_BYTES]
+    assert pixels.count(pixels[0]) == 2, "the range cut short was never asked for again"
