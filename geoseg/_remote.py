@@ -37,8 +37,9 @@ READ_GDAL_OPTIONS = {"GDAL_HTTP_MAX_RETRY": "0"}
 
 # What GDAL says when bytes did not arrive (a failed range request leaves the TIFF reader short of
 # bytes), or when HTTP or curl failed. Decoding errors (corrupt data) are not in the list.
+_SHORT_READ_RE = re.compile(r"got \d+ bytes|read error", re.IGNORECASE)
 _TRANSIENT_RE = re.compile(
-    r"got 0 bytes|read error|timed? ?out|timeout|connection|curl|could not resolve|ssl|"
+    r"got \d+ bytes|read error|timed? ?out|timeout|connection|(?<!/vsi)curl|could not resolve|ssl|"
     r"HTTP (?:error|response) code: (?:5\d\d|429)",
     re.IGNORECASE,
 )
@@ -189,10 +190,10 @@ def _load_libgdal() -> Any:
 
 
 # A URL's user info (``user:password@``), and a query string of key=value pairs after a path,
-# up to a quote, a space, or a comma, semicolon or full stop before a space (how GDAL's
+# up to a quote, a space, or a comma, semicolon, colon or full stop before a space (how GDAL's
 # messages go on after a file name: "x.tif?sig=S, band 1", "...x.tif?sig=S. Retrying").
 _USERINFO_RE = re.compile(r"(?<=://)[^/\s@'\"<>]+@")
-_QUERY_RE = re.compile(r"\?[^\s'\"<>?=&]+=[^\s'\"<>]*?(?=[,;.]?(?:\s|$)|['\"<>])")
+_QUERY_RE = re.compile(r"\?[^\s'\"<>?=&]+=[^\s'\"<>]*?(?=[,;:.]?(?:\s|$)|['\"<>])")
 
 
 # curl's words for GDAL dropping an error page's body: nothing a user can act on.
@@ -231,10 +232,20 @@ def looks_transient(message: str) -> bool:
 
     Yes for HTTP 5xx or 429, a timeout, a curl or connection error, or bytes that did not
     arrive; no for decoding errors. GDAL does not report the HTTP status of a failed range
-    read, so a missing object (404) mid-scene looks the same as a dropped connection and is
-    tried again too, unless a 4xx status was reported.
+    read, so a missing object (404) mid-scene looks the same as a dropped connection; the
+    reopen before the next try meets the 404 (:func:`looks_lasting`).
     """
     return bool(_TRANSIENT_RE.search(message)) and not _LASTING_HTTP_RE.search(message)
+
+
+def looks_lasting(message: str) -> bool:
+    """Whether ``message`` reports an HTTP status that asking again will not change (401-404, 410)."""
+    return bool(_LASTING_HTTP_RE.search(message))
+
+
+def looks_short(message: str) -> bool:
+    """Whether GDAL's ``message`` says that fewer bytes arrived than it asked for."""
+    return bool(_SHORT_READ_RE.search(message))
 
 
 class _HttpMessages(logging.Handler):

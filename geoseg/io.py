@@ -370,11 +370,15 @@ class SceneReader:
                     raw = self._src.read(scene.band_indexes, window=window)
                     return raw, self._valid_mask(raw, window)
                 except RasterioError as err:
-                    gdal = _gdal_message(err)
-                    message = "; ".join([*dict.fromkeys(_remote.redact(m) for m in http), gdal])
-                    if reopening and attempt > 1:
+                    message = "; ".join([*dict.fromkeys(_remote.redact(m) for m in http), _gdal_message(err)])
+                    if reopening and attempt > 1:  # it opened before: only a lasting HTTP status is final
                         message = f"reopening: {message}"
-                    transient = _remote.looks_transient(f"{message} {_remote.error_text(err)}")
+                        transient = not _remote.looks_lasting(message)
+                    else:
+                        cause = _remote.error_text(err)
+                        if not http and _remote.looks_short(cause):  # GDAL does not say why: say what
+                            message = f"fewer bytes arrived than asked for: {message}"
+                        transient = _remote.looks_transient(f"{message} {cause}")
                     if attempt == attempts or not transient:
                         tries = f" after {attempt} attempts" if attempt > 1 else ""
                         where = f"rows {window.row_off}-{window.row_off + window.height}, " \

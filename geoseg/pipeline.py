@@ -65,6 +65,8 @@ REMOTE_GDAL_OPTIONS: dict[str, Any] = {
     "CPL_VSIL_CURL_CACHE_SIZE": 128 << 20,  # fetched bytes kept, process-wide, so no range is fetched twice
 }
 _DONE = object()
+#: Seconds a stopped run waits for its reader threads to finish a read in progress.
+READER_STOP_GRACE_S = 2.0
 # Rows per block handed to the outputs when they carry probabilities: 64 rows of 8 classes at
 # 8192 px are 17 MB of float32, where a whole stride of rows (224 for 256 px tiles) is 59 MB.
 PROBABILITY_ROWS = 64
@@ -504,7 +506,11 @@ def _run(
         outputs.commit()
     except BaseException as err:
         stop.set()
-        _join(*reading, writer_thread)
+        _join(writer_thread)  # it polls ``stop``; the outputs it writes are closed below
+        # A reader may be inside a remote request (up to GDAL's connect and low-speed timeouts):
+        # not waited for beyond a grace time, so Ctrl-C and SIGTERM end the run within seconds. It
+        # reads through its own handle and sees ``stop`` once the request returns.
+        _join(*reading, timeout=READER_STOP_GRACE_S)
         outputs.close()
         outputs.abort()
         writer_error = getattr(writer_thread, "error", None)
@@ -516,10 +522,15 @@ def _run(
     return predicted
 
 
-def _join(*threads: threading.Thread) -> None:
+def _join(*threads: threading.Thread, timeout: float | None = None) -> None:
+    """Wait for the started ``threads``; with a ``timeout``, for at most that many seconds in all."""
+    deadline = None if timeout is None else time.monotonic() + timeout
     for thread in threads:
         if thread.ident is not None:  # started
-            thread.join()
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+    busy = [t.name for t in threads if t.is_alive()]
+    if busy:
+        log.debug("not waiting for %s, still busy", ", ".join(busy))
 
 
 def _put(q: queue.Queue[Any], item: Any, stop: threading.Event) -> None:
@@ -584,7 +595,7 @@ def _read_batches(
     first, readers = part
     buffers = _BatchBuffers(out.maxsize, batch_size, in_network)
     try:
-        with SceneReader(scene, multiplier, bias) as reader:
+        with SceneReader(scene, multiplier, bias, stop) as reader:
 
             def read(tile: Tile) -> tuple[Tile, Any, Any, tuple[int, int]] | None:
                 inside = None

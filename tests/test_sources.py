@@ -17,7 +17,11 @@ import logging
 import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
 import threading
+import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,7 +36,9 @@ from rasterio.windows import Window
 import geoseg._remote
 from geoseg.cli import main
 from geoseg.config import PredictConfig
+from geoseg._remote import gdal_path
 from geoseg.errors import ConfigError, InputError, OutputError
+from geoseg.io import SceneReader, open_scene
 from geoseg.modelfile import Normalization, load_model
 from geoseg.pipeline import GDAL_CACHE_MB, block_cache_bytes, gdal_options, plan_grid, predict_scene
 from geoseg.sources import is_stac_item, parse_assets, resolve_source, split_source
@@ -798,3 +804,96 @@ def test_a_transfer_cut_short_is_fetched_again(
     assert len(retries) == 1, retries
     pixels = [r for r in server.requests if r[2] and _parse_ranges(r[2], 1 << 40)[0][0] >= HEADER_BYTES]
     assert pixels.count(pixels[0]) == 2, "the range cut short was never asked for again"
+
+
+def test_a_file_gone_mid_scene_fails_at_once_with_its_http_status(
+    server: RangeServer, tiny_metadata, fast_retries
+) -> None:
+    """GDAL does not say why a range read failed; the reopen before the next try meets the 404,
+    which asking again will not change."""
+    meta = tiny_metadata()
+    with rasterio.Env(**gdal_options(remote=True)):
+        scene = open_scene(gdal_path(server.url("big.tif?sig=SECRET")), meta)
+        with SceneReader(scene, *meta.normalization.multiplier_and_bias()) as reader:
+            reader.read_tile(0, 0, 128)
+            (server.root / "big.tif").unlink()
+            with pytest.raises(InputError) as err:
+                reader.read_tile(1280, 1000, 128)
+    message = str(err.value)
+    assert message.startswith(f"{server.url('big.tif')}: read failed at rows 1280-1408, cols 1000-1128 after 2 attempts")
+    assert "HTTP response code: 404" in message and "SECRET" not in message
+
+
+def test_a_stopped_run_gives_up_a_read_being_tried_again(
+    archive: Path, server: RangeServer, tiny_metadata, monkeypatch
+) -> None:
+    monkeypatch.setattr(geoseg._remote, "READ_BACKOFF_S", 600.0)  # a wait nobody sits out
+    server.fail(-1, from_offset=data_offset(archive / "big.tif") + HEADER_BYTES)
+    meta = tiny_metadata()
+    stop = threading.Event()
+    with rasterio.Env(**gdal_options(remote=True)):
+        scene = open_scene(gdal_path(server.url("big.tif")), meta)
+        with SceneReader(scene, *meta.normalization.multiplier_and_bias(), stop=stop) as reader:
+            threading.Timer(0.5, stop.set).start()
+            with pytest.raises(RuntimeError, match="pipeline stopped"):
+                reader.read_tile(1280, 1000, 128)
+    assert server.failed >= 1
+
+
+@pytest.mark.parametrize(("signum", "status", "said"), [
+    (signal.SIGTERM, 128 + signal.SIGTERM, ""),
+    (signal.SIGINT, 130, "Interrupted; no output was written."),
+])
+def test_a_signal_stops_a_run_whose_remote_reads_keep_failing(
+    tmp_path: Path, archive: Path, server: RangeServer, tiny_model_file: Path, signum: int, status: int, said: str
+) -> None:
+    """A real process, GDAL's and geoseg's own retry settings: the signal ends the run while a read
+    is being tried again (minutes before the read would fail), and nothing is left behind."""
+    server.fail(-1, from_offset=data_offset(archive / "scene.tif") + HEADER_BYTES)
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GDAL_HTTP", "CPL_"))}
+    args = ["predict", server.url("scene.tif?sig=SECRET"), out / "labels.tif", "--model", tiny_model_file,
+            "--device", "cpu", "--threads", 1]
+    proc = subprocess.Popen([sys.executable, "-m", "geoseg", *map(str, args)], stderr=subprocess.PIPE, text=True,
+                            env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while server.failed < 1 or not any(".geoseg-tmp" in p.name for p in out.iterdir()):
+            assert proc.poll() is None, f"geoseg ended early: {proc.communicate()[1]}"
+            assert time.monotonic() < deadline, "geoseg never read the failing pixels"
+            time.sleep(0.05)
+        time.sleep(0.5)  # into geoseg's wait before the next try
+        assert proc.poll() is None
+        proc.send_signal(signum)
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == status, stderr
+    assert "Traceback" not in stderr and "SECRET" not in stderr
+    assert said in stderr and "read failed at" not in stderr
+    assert list(out.iterdir()) == []
+
+
+def test_stderr_shows_no_credentials_and_folds_gdals_retries(
+    tmp_path: Path, server: RangeServer, tiny_model_file: Path
+) -> None:
+    """GDAL names the URL it retries, query string and password included, once per retry: the
+    command line shows those lines only with -v (at DEBUG), and without the credentials."""
+    url = server.url("scene.tif?X-Amz-Signature=SECRET").replace("http://", "http://user:PASSWORD@")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GDAL_HTTP", "CPL_"))}
+    env["GDAL_HTTP_RETRY_DELAY"] = "0.01"
+    runs = {}
+    for verbosity in ([], ["-v"]):
+        server.fail(2)  # the opening requests: GDAL tries them again
+        args = ["predict", url, tmp_path / f"out{len(verbosity)}.tif", "--model", tiny_model_file,
+                "--device", "cpu", "--threads", 1, *verbosity]
+        proc = subprocess.run([sys.executable, "-m", "geoseg", *map(str, args)], capture_output=True, text=True,
+                              env=env, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        assert "SECRET" not in proc.stderr and "PASSWORD" not in proc.stderr, proc.stderr
+        runs[bool(verbosity)] = [line for line in proc.stderr.splitlines() if "Retrying again" in line]
+    assert runs[False] == []
+    assert runs[True] and all(line.startswith("DEBUG: ") and server.url("scene.tif") in line for line in runs[True])
