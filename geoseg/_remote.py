@@ -28,6 +28,9 @@ NETWORK_VSI = ("/vsicurl", "/vsis3", "/vsigs", "/vsiaz", "/vsiadls", "/vsioss", 
 READ_ATTEMPTS = 6
 #: Seconds before the second try; doubled before each further one (1, 2, 4, 8, 16 s: 31 s in all).
 READ_BACKOFF_S = 1.0
+#: Seconds after a window read began when no further try starts: a server that stalls each
+#: transfer fails each try only at GDAL's low-speed timeout (60 s), which six tries would wait out.
+READ_GIVE_UP_S = 120.0
 #: GDAL settings around each window read of a remote scene (in the reading thread only). geoseg
 #: tries a failed read again itself, on a reopened file with its cached bytes dropped, waiting in a
 #: way a stopped run interrupts; GDAL's own retries of each request would multiply the attempts and
@@ -58,6 +61,18 @@ def gdal_path(src: str) -> str:
         if src.startswith(prefix):
             return vsi + src[len(prefix) :]
     return src
+
+
+# A comma that starts another URI or GDAL path: where a list of URLs with query strings (which
+# may hold commas themselves) is split.
+_NEXT_URI_RE = re.compile(r",\s*(?=[A-Za-z][A-Za-z0-9+.-]*://|/vsi)")
+
+
+def split_list(text: str) -> list[str]:
+    """Comma-separated paths as a list: at every comma, or, when ``text`` holds a URL query
+    string (``?``), only at commas that start another URI or /vsi path."""
+    parts = _NEXT_URI_RE.split(text) if "?" in text else text.split(",")
+    return [part.strip() for part in parts]
 
 
 def is_remote(path: str) -> bool:

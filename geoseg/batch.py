@@ -34,7 +34,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Literal
 
 from ._machine import physical_memory_bytes, usable_cores
-from ._remote import display_name, redact
+from ._remote import display_name, redact, split_list
 from ._version import __version__
 from .config import PredictConfig
 from .errors import ConfigError, DependencyNotFoundError, InputError, OutputError
@@ -104,8 +104,8 @@ def _canonical(scene: str, base: Path | None = None) -> str:
     def absolute(path: str) -> str:
         return path if _is_uri(path) else os.path.abspath(os.path.join(base or "", path))
 
-    if "," in scene and "?" not in scene and not os.path.exists(absolute(scene)):  # as resolve_source splits
-        return ",".join(absolute(part) for part in scene.split(","))
+    if "," in scene and not os.path.exists(absolute(scene)):  # as resolve_source splits
+        return ",".join(absolute(part) for part in split_list(scene))
     return absolute(scene)
 
 
@@ -119,8 +119,8 @@ def output_name(scene: str, template: str = DEFAULT_TEMPLATE) -> str:
     Raises:
         ConfigError: The template has another field, or leaves the out dir.
     """
-    if "," in scene and "?" not in scene and not os.path.exists(scene):  # band files: named after the first
-        scene = scene.split(",", 1)[0]
+    if "," in scene and not os.path.exists(scene):  # band files: named after the first
+        scene = split_list(scene)[0]
     path = PurePosixPath(scene.split("?", 1)[0].rstrip("/"))
     try:
         name = template.format(stem=path.stem, name=path.name, parent=path.parent.name)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -319,7 +320,8 @@ class SceneReader:
         all with doubling waits (:data:`geoseg._remote.READ_BACKOFF_S`), on a reopened dataset
         whose fetched bytes GDAL has forgotten. GDAL does not retry the requests of these reads
         itself (:data:`geoseg._remote.READ_GDAL_OPTIONS`). A reopen that meets a lasting HTTP
-        status (404, 403) ends the tries at once.
+        status (404, 403) ends the tries at once, and no try starts ``READ_GIVE_UP_S`` after the
+        first began (a stalled transfer fails only at GDAL's low-speed timeout).
 
         Returns:
             ``(pixels (C, size, size) float32, valid (size, size) bool, h, w)``, where ``h, w``
@@ -359,6 +361,7 @@ class SceneReader:
         scene = self.scene
         attempts = _remote.READ_ATTEMPTS
         options = {k: v for k, v in _remote.READ_GDAL_OPTIONS.items() if k not in os.environ}
+        started = time.monotonic()
         for attempt in range(1, attempts + 1):
             if self._stop.is_set():
                 raise RuntimeError("pipeline stopped")
@@ -379,12 +382,14 @@ class SceneReader:
                         if not http and _remote.looks_short(cause):  # GDAL does not say why: say what
                             message = f"fewer bytes arrived than asked for: {message}"
                         transient = _remote.looks_transient(f"{message} {cause}")
-                    if attempt == attempts or not transient:
-                        tries = f" after {attempt} attempts" if attempt > 1 else ""
+                    delay = _remote.READ_BACKOFF_S * 2 ** (attempt - 1)
+                    late = time.monotonic() - started + delay > _remote.READ_GIVE_UP_S
+                    if attempt == attempts or not transient or late:
+                        seconds = time.monotonic() - started
+                        tries = f" after {attempt} attempts in {seconds:.0f} s" if attempt > 1 else ""
                         where = f"rows {window.row_off}-{window.row_off + window.height}, " \
                                 f"cols {window.col_off}-{window.col_off + window.width}"
                         raise InputError(f"{scene.label}: read failed at {where}{tries} ({message})") from err
-            delay = _remote.READ_BACKOFF_S * 2 ** (attempt - 1)
             log.warning("%s: read failed (%s); trying again in %g s (attempt %d of %d)",
                         scene.label, message, delay, attempt + 1, attempts)
             if self._src is not None:

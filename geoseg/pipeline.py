@@ -53,9 +53,11 @@ DEFAULT_MODEL_NAME = "default.safetensors"
 # for large blocks, strips and several readers (see block_cache_bytes).
 GDAL_CACHE_MB = 16
 # GDAL settings for reading remote files in windows; a variable of the same name in the
-# environment wins. GDAL doubles the retry delay after each retry (with some jitter).
+# environment wins. GDAL multiplies the retry delay by 2 to 2.5 after each retry.
 REMOTE_GDAL_OPTIONS: dict[str, Any] = {
-    "GDAL_HTTP_MAX_RETRY": 5,  # per HTTP request, on 429, 502, 503, 504 (GDAL_HTTP_RETRY_CODES for others)
+    # per HTTP request, on 429 and 5xx (GDAL_HTTP_RETRY_CODES for others); window reads run with
+    # none (_remote.READ_GDAL_OPTIONS): geoseg tries those again itself
+    "GDAL_HTTP_MAX_RETRY": 5,
     "GDAL_HTTP_RETRY_DELAY": 0.5,  # seconds before the first retry
     "GDAL_HTTP_CONNECTTIMEOUT": 30,
     "GDAL_HTTP_LOW_SPEED_TIME": 60,  # a transfer slower than 1 byte/s for 60 s fails (and is retried)

@@ -31,7 +31,7 @@ from xml.sax.saxutils import escape
 import rasterio
 from rasterio.errors import RasterioError, RasterioIOError
 
-from ._remote import display_name, gdal_path, is_remote, listing_off_if_remote, plain_message
+from ._remote import display_name, gdal_path, is_remote, listing_off_if_remote, plain_message, split_list
 from .errors import ConfigError, InputError
 from .modelfile import LoadedModel, ModelMetadata, Normalization
 
@@ -135,8 +135,8 @@ def resolve_source(
     :meth:`ResolvedSource.calibrate`.
 
     Args:
-        src: A path or URI, a comma-separated list of them (unless SRC is an existing file or
-            has a ``?``), a sequence of them, or a STAC Item (``.json``).
+        src: A path or URI, a comma-separated list of them (unless SRC is an existing file; see
+            :func:`split_source`), a sequence of them, or a STAC Item (``.json``).
         metadata: The model the scene feeds.
         resample: Resample coarser band files onto the finest grid with this method; ``None``
             refuses band files of different resolutions.
@@ -165,16 +165,16 @@ def resolve_source(
 def split_source(src: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[str]:
     """SRC as a list of paths.
 
-    A sequence as given; a string split at commas, unless it is an existing file or holds a
-    ``?`` (a URL query may contain commas).
+    A sequence as given; a string split at commas, unless it is an existing file; a string with a
+    ``?`` (a URL query may contain commas) only at commas that start another URI or /vsi path.
 
     Raises:
         InputError: SRC is empty.
     """
     if isinstance(src, (str, os.PathLike)):
         text = os.fspath(src)
-        if "," in text and "?" not in text and not _exists(text):
-            items = [part.strip() for part in text.split(",")]
+        if "," in text and not _exists(text):
+            items = split_list(text)
         else:
             items = [text]
     else:

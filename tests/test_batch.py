@@ -105,6 +105,7 @@ def test_output_names_from_template() -> None:
     # band files joined by commas: named after the first
     assert output_name("/data/a/B04.tif,/data/b/B08.tif", "{parent}_{stem}.tif") == "a_B04.tif"
     assert output_name("https://h/x/B04.tif,https://h/x/B08.tif") == "B04_landcover.tif"
+    assert output_name("https://h/x/B04.tif?sig=1,2,https://h/x/B08.tif?sig=3") == "B04_landcover.tif"
     with pytest.raises(ConfigError, match="{stem}"):
         output_name("a.tif", "{date}.tif")
     with pytest.raises(ConfigError, match="inside the out dir"):
