@@ -370,6 +370,7 @@ class SceneReader:
                 try:
                     if self._src is None:
                         self._src = rasterio.open(scene.path)
+                        reopening = False
                     raw = self._src.read(scene.band_indexes, window=window)
                     return raw, self._valid_mask(raw, window)
                 except RasterioError as err:

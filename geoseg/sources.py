@@ -8,8 +8,9 @@
 - several files (a list, or SRC with commas) are stacked band after band into a VRT built in
   memory (its XML text is what GDAL opens); they must share CRS and grid, except that coarser
   bands are resampled onto the finest grid when ``resample`` is given;
-- a STAC Item (SRC ending in ``.json``, a local file or an http(s) URL) picks one asset per model
-  band by ``eo:bands`` common name, or by asset key, and stacks them like band files.
+- a STAC Item (SRC ending in ``.json``, a local file or an http(s) URL, or a STAC API Item URL
+  that answers with JSON) picks one asset per model band by ``eo:bands`` common name, or by asset
+  key, and stacks them like band files.
 """
 
 from __future__ import annotations
@@ -151,7 +152,7 @@ def resolve_source(
     if resample is not None and resample not in ("nearest", "bilinear", "cubic"):
         raise ConfigError(f"resample must be nearest, bilinear or cubic, got {resample!r}")
     items = split_source(src)
-    if len(items) == 1 and is_stac_item(items[0]):
+    if len(items) == 1 and (is_stac_item(items[0]) or _serves_stac_json(items[0])):
         return _resolve_stac_item(items[0], metadata, resample, assets)
     if assets:
         raise ConfigError("--assets applies to a STAC Item SRC (a .json file or URL) only")
@@ -187,6 +188,33 @@ def split_source(src: str | os.PathLike[str] | Sequence[str | os.PathLike[str]])
 def is_stac_item(src: str) -> bool:
     """Whether SRC names a STAC Item: its path (without a URL query) ends in ``.json``."""
     return urlsplit(src).path.lower().endswith(".json") if "://" in src else src.lower().endswith(".json")
+
+
+#: Media types of a STAC Item fetched from a STAC API.
+_JSON_TYPES = ("application/geo+json", "application/json")
+
+
+def _serves_stac_json(src: str) -> bool:
+    """Whether ``src`` is a STAC API Item URL: an http(s) URL whose path has no file suffix or
+    runs through ``/items/`` (``.../collections/C/items/ID``), answering with JSON.
+
+    Only the answer's Content-Type is looked at, of a request for its first byte (a raster served
+    without a suffix is not downloaded; a STAC API sends the whole Item, a few kB). Any failure
+    means no: GDAL then opens ``src``.
+    """
+    import http.client
+
+    if not src.startswith(("https://", "http://")):
+        return False
+    path = urlsplit(src).path
+    if "/items/" not in path and Path(path).suffix:
+        return False
+    try:
+        first_byte = urllib.request.Request(src, headers={"Range": "bytes=0-0"})
+        with urllib.request.urlopen(first_byte, timeout=30) as response:
+            return response.headers.get_content_type() in _JSON_TYPES
+    except (OSError, ValueError, http.client.HTTPException):
+        return False
 
 
 def parse_assets(text: str) -> dict[str, str] | list[str]:

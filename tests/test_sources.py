@@ -123,7 +123,8 @@ class RangeServer:
             handler.end_headers()
             return
         data = path.read_bytes()
-        headers = {"Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"}
+        media = "application/geo+json" if data[:1] == b"{" else "application/octet-stream"
+        headers = {"Accept-Ranges": "bytes", "Content-Type": media}
         if not ranges:
             status, payload = 200, data
         elif len(ranges) == 1:
@@ -594,6 +595,22 @@ def test_stac_item_url_with_relative_hrefs(
     with rasterio.open(tmp_path / "stac.tif") as out:
         assert out.tags()["GEOSEG_SOURCE"] == "item.json:B04,B03,B02,B08"
     assert all(server.served(f"{band}.tif") > 0 for band in BANDS)
+
+
+def test_stac_api_item_url_without_a_suffix(
+    tmp_path: Path, archive: Path, server: RangeServer, tiny_loaded_model
+) -> None:
+    items = server.root / "collections" / "zion" / "items"
+    items.mkdir(parents=True)
+    (items / "zion-crop").write_text(json.dumps(stac_item({b: server.url(f"{b}.tif") for b in BANDS})))
+    shutil.copy(server.root / "scene.tif", server.root / "scene")  # a raster without a suffix still opens
+    predict(archive / "scene.tif", tmp_path / "local.tif", tiny_loaded_model)
+    predict(server.url("collections/zion/items/zion-crop"), tmp_path / "api.tif", tiny_loaded_model)
+    predict(server.url("scene"), tmp_path / "nosuffix.tif", tiny_loaded_model)
+    assert_same_output(tmp_path / "local.tif", tmp_path / "api.tif")
+    assert_same_output(tmp_path / "local.tif", tmp_path / "nosuffix.tif")
+    gets = [header for method, name, header in server.requests if (method, name) == ("GET", "scene")]
+    assert gets and all(gets), "a raster without a suffix must be read in ranges, never downloaded whole"
 
 
 def test_local_stac_item_with_absolute_urls_and_chosen_assets(
