@@ -431,9 +431,22 @@ def test_missing_remote_file_is_one_clear_error(
     url = server.url("absent.tif")
     with pytest.raises(InputError) as err:
         predict(url + "?token=secret", tmp_path / "out.tif", tiny_loaded_model)
-    assert str(err.value).startswith(f"{url}: ")
-    assert "secret" not in str(err.value)
+    assert str(err.value) == f"{url}: cannot open (HTTP response code: 404)"  # no token
     assert not (tmp_path / "out.tif").exists()
+
+
+def test_gdal_messages_as_shown_to_the_user() -> None:
+    """GDAL quotes paths with their query string, URLs with their password; curl adds words of
+    its own to an HTTP status (as GDAL 3.10 says them)."""
+    plain = geoseg._remote.plain_message
+    assert plain("HTTP response code: 404 - Failure writing output to destination, passed 10 returned 0") == (
+        "HTTP response code: 404")
+    assert plain("scene.tif?sig=SECRET, band 1: IReadBlock failed at X offset 0") == (
+        "scene.tif, band 1: IReadBlock failed at X offset 0")
+    assert plain("HTTP error code: 500 - http://user:PW@h:8766/a/scene.tif?X-Amz-Signature=S&b=2. Retrying again") == (
+        "HTTP error code: 500 - http://h:8766/a/scene.tif. Retrying again")
+    assert plain("'/vsicurl/https://h/x.tif?a=1:2' not recognized") == "'/vsicurl/https://h/x.tif' not recognized"
+    assert plain("Is this a question? Yes, a=1") == "Is this a question? Yes, a=1"
 
 
 # --- one file per band ---------------------------------------------------------------------------------
