@@ -174,17 +174,22 @@ def _load_libgdal() -> Any:
 
     import rasterio._base  # loads libgdal
 
-    # The copy already mapped into this process (a wheel bundles its own libgdal): loading
-    # another copy would clear another cache.
-    candidates = []
+    # NOTE: the copy rasterio loaded, not another one mapped into this process: wheels bundle their
+    # own (fiona's too), and each copy has its own cache. A wheel's copy lies in rasterio.libs
+    # (.dylibs on macOS); a system one outside site-packages.
+    package = os.path.dirname(rasterio.__file__)
+    site_packages = os.path.dirname(package)
+    mapped: list[str] = []
     try:
         with open("/proc/self/maps") as maps:
-            candidates = [line.split()[-1] for line in maps if "/libgdal" in line]
+            mapped = [line.split()[-1] for line in maps if "/libgdal" in line]
     except OSError:  # not Linux
         pass
-    folder = os.path.dirname(os.path.dirname(rasterio._base.__file__))
-    candidates += glob.glob(os.path.join(folder, "rasterio*libs", "libgdal*"))
-    candidates += [name for name in [ctypes.util.find_library("gdal")] if name]
+    bundled = glob.glob(os.path.join(site_packages, "rasterio.libs", "libgdal*"))
+    bundled += glob.glob(os.path.join(package, ".dylibs", "libgdal*"))
+    candidates = [p for p in mapped if p in bundled] + bundled
+    candidates += [p for p in mapped if not p.startswith(site_packages)]
+    candidates += [name for name in [ctypes.util.find_library("gdal")] if name and not bundled]
     for candidate in dict.fromkeys(candidates):
         try:
             lib = ctypes.CDLL(candidate)

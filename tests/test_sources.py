@@ -860,7 +860,7 @@ def test_a_file_gone_mid_scene_fails_at_once_with_its_http_status(
 def test_a_stopped_run_gives_up_a_read_being_tried_again(
     archive: Path, server: RangeServer, tiny_metadata, monkeypatch
 ) -> None:
-    monkeypatch.setattr(geoseg._remote, "READ_BACKOFF_S", 600.0)  # a wait nobody sits out
+    monkeypatch.setattr(geoseg._remote, "READ_BACKOFF_S", 60.0)  # a wait nobody sits out
     server.fail(-1, from_offset=data_offset(archive / "big.tif") + HEADER_BYTES)
     meta = tiny_metadata()
     stop = threading.Event()
@@ -930,3 +930,16 @@ def test_stderr_shows_no_credentials_and_folds_gdals_retries(
         runs[bool(verbosity)] = [line for line in proc.stderr.splitlines() if "Retrying again" in line]
     assert runs[False] == []
     assert runs[True] and all(line.startswith("DEBUG: ") and server.url("scene.tif") in line for line in runs[True])
+
+
+def test_the_gdal_library_whose_cache_is_cleared_is_rasterios() -> None:
+    """Wheels bundle a libgdal each (fiona's, rasterio's); clearing another copy's cache does nothing."""
+    import ctypes
+
+    pytest.importorskip("fiona")  # maps its own libgdal into the process
+    lib = geoseg._remote._load_libgdal()
+    assert lib is not None
+    lib.CPLGetConfigOption.restype = ctypes.c_char_p
+    lib.CPLGetConfigOption.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+    with rasterio.Env(GEOSEG_TEST_OPTION="seen"):  # set in the copy rasterio uses
+        assert lib.CPLGetConfigOption(b"GEOSEG_TEST_OPTION", None) == b"seen"
