@@ -296,13 +296,17 @@ class SceneReader:
         self._stop = stop or threading.Event()
         # A remote scene is opened by the first read, which tries again as reads do.
         self._src: rasterio.io.DatasetReader | None = None if self._remote else _open(scene.path)
+        self._read_env: rasterio.Env | None = None  # READ_GDAL_OPTIONS, entered by the first remote read
         self._mul = np.asarray(multiplier, np.float32)[:, None, None]
         self._bias = np.asarray(bias, np.float32)[:, None, None]
 
     def close(self) -> None:
-        """Close the dataset handle."""
+        """Close the dataset handle (in the thread that read)."""
         if self._src is not None:
             self._src.close()
+        if self._read_env is not None:
+            self._read_env.__exit__(None, None, None)
+            self._read_env = None
 
     def __enter__(self) -> SceneReader:
         return self
@@ -360,12 +364,15 @@ class SceneReader:
         """Read a window of a remote scene, trying again as :meth:`read_tile` says."""
         scene = self.scene
         attempts = _remote.READ_ATTEMPTS
-        options = {k: v for k, v in _remote.READ_GDAL_OPTIONS.items() if k not in os.environ}
+        if self._read_env is None:  # once for the reader's life: a rasterio.Env per tile costs log lines
+            self._read_env = rasterio.Env(**{k: v for k, v in _remote.READ_GDAL_OPTIONS.items()
+                                             if k not in os.environ})
+            self._read_env.__enter__()
         started = time.monotonic()
         for attempt in range(1, attempts + 1):
             if self._stop.is_set():
                 raise RuntimeError("pipeline stopped")
-            with rasterio.Env(**options), _remote.http_messages() as http:
+            with _remote.http_messages() as http:
                 reopening = self._src is None
                 try:
                     if self._src is None:
