@@ -9,6 +9,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
+from xml.etree import ElementTree
+
+log = logging.getLogger(__name__)
 
 #: URI schemes and the GDAL virtual file system that reads them in ranges.
 URI_PREFIXES = {
@@ -22,14 +25,24 @@ URI_PREFIXES = {
 NETWORK_VSI = ("/vsicurl", "/vsis3", "/vsigs", "/vsiaz", "/vsiadls", "/vsioss", "/vsiswift", "/vsiwebhdfs")
 
 #: Tries of one window read from a remote scene before the scene fails.
-READ_ATTEMPTS = 4
-#: Seconds before the second try; doubled before each further one (1, 2, 4 s by default).
+READ_ATTEMPTS = 6
+#: Seconds before the second try; doubled before each further one (1, 2, 4, 8, 16 s: 31 s in all).
 READ_BACKOFF_S = 1.0
+#: Seconds after a window read began when no further try starts: a server that stalls each
+#: transfer fails each try only at GDAL's low-speed timeout (60 s), which six tries would wait out.
+READ_GIVE_UP_S = 120.0
+#: GDAL settings around each window read of a remote scene (in the reading thread only). geoseg
+#: tries a failed read again itself, on a reopened file with its cached bytes dropped, waiting in a
+#: way a stopped run interrupts; GDAL's own retries of each request would multiply the attempts and
+#: the wait (its 5 retries slept ~23 s per request, several requests per read) and cannot be
+#: interrupted. An environment variable of the same name wins.
+READ_GDAL_OPTIONS = {"GDAL_HTTP_MAX_RETRY": "0"}
 
 # What GDAL says when bytes did not arrive (a failed range request leaves the TIFF reader short of
 # bytes), or when HTTP or curl failed. Decoding errors (corrupt data) are not in the list.
+_SHORT_READ_RE = re.compile(r"got \d+ bytes|read error", re.IGNORECASE)
 _TRANSIENT_RE = re.compile(
-    r"got 0 bytes|read error|timed? ?out|timeout|connection|curl|could not resolve|ssl|"
+    r"got \d+ bytes|read error|timed? ?out|timeout|connection|(?<!/vsi)curl|could not resolve|ssl|"
     r"HTTP (?:error|response) code: (?:5\d\d|429)",
     re.IGNORECASE,
 )
@@ -48,6 +61,18 @@ def gdal_path(src: str) -> str:
         if src.startswith(prefix):
             return vsi + src[len(prefix) :]
     return src
+
+
+# A comma that starts another URI or GDAL path: where a list of URLs with query strings (which
+# may hold commas themselves) is split.
+_NEXT_URI_RE = re.compile(r",\s*(?=[A-Za-z][A-Za-z0-9+.-]*://|/vsi)")
+
+
+def split_list(text: str) -> list[str]:
+    """Comma-separated paths as a list: at every comma, or, when ``text`` holds a URL query
+    string (``?``), only at commas that start another URI or /vsi path."""
+    parts = _NEXT_URI_RE.split(text) if "?" in text else text.split(",")
+    return [part.strip() for part in parts]
 
 
 def is_remote(path: str) -> bool:
@@ -91,17 +116,122 @@ def display_name(src: str) -> str:
     return head + sep + urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
-def close_forgetting_bytes(dataset: Any) -> None:
-    """Close ``dataset`` and drop the bytes GDAL keeps from the network for the files it read.
+def network_files(path: str) -> list[str]:
+    """The GDAL paths read over the network when GDAL opens ``path`` (VRT text: its source files)."""
+    if path.lstrip().startswith("<"):
+        try:
+            sources = [e.text or "" for e in ElementTree.fromstring(path).iter("SourceFilename")]
+        except ElementTree.ParseError:
+            sources = []
+    else:
+        sources = [path]
+    return [p for p in dict.fromkeys(sources) if is_remote(p)]
 
-    GDAL caches fetched ranges process-wide, including what arrived of a transfer cut short,
-    so trying a read again would meet the same short bytes. ``CPL_VSIL_CURL_NON_CACHED`` makes
-    GDAL drop a file's cached bytes when a handle on it closes.
+
+def forget_fetched_bytes(path: str) -> bool:
+    """Drop what GDAL keeps from the network for the files read through ``path``.
+
+    GDAL caches fetched ranges and file sizes process-wide, including what arrived of a transfer
+    cut short, and serves them to a reopened file too: a read tried again would meet the same
+    short bytes and never ask the server. GDAL's ``VSICurlPartialClearCache`` drops one file's
+    entries (``VSICurlClearCache`` all, for a network file inside an archive); rasterio does not
+    expose them, so they are called in the libgdal rasterio loaded. Returns whether that worked
+    (``False``: no such library found; the retry then reads what GDAL kept).
     """
-    import rasterio
+    gdal = _libgdal()
+    if gdal is None:
+        return False
+    files = network_files(path)
+    # NOTE: each network file system parses the prefix as its own kind of path; the others'
+    # complaints ("URL rejected") mean nothing here and are silenced.
+    gdal.CPLPushErrorHandler(gdal.CPLQuietErrorHandler)
+    try:
+        for file in files:
+            if file.startswith(NETWORK_VSI):
+                gdal.VSICurlPartialClearCache(file.encode())
+            else:  # e.g. /vsizip//vsicurl/...: the archive's own path is not a prefix of this one
+                gdal.VSICurlClearCache()
+    finally:
+        gdal.CPLPopErrorHandler()
+    return True
 
-    with rasterio.Env(CPL_VSIL_CURL_NON_CACHED=":".join(f"{vsi}/" for vsi in NETWORK_VSI)):
-        dataset.close()
+
+_LIBGDAL: list[Any] = []
+
+
+def _libgdal() -> Any:
+    """GDAL's C library as rasterio loaded it (ctypes), or ``None``; looked up once."""
+    if not _LIBGDAL:
+        _LIBGDAL.append(_load_libgdal())
+    return _LIBGDAL[0]
+
+
+def _load_libgdal() -> Any:
+    import ctypes
+    import ctypes.util
+    import glob
+    import os
+
+    import rasterio._base  # loads libgdal
+
+    # NOTE: the copy rasterio loaded, not another one mapped into this process: wheels bundle their
+    # own (fiona's too), and each copy has its own cache. A wheel's copy lies in rasterio.libs
+    # (.dylibs on macOS); a system one outside site-packages.
+    package = os.path.dirname(rasterio.__file__)
+    site_packages = os.path.dirname(package)
+    mapped: list[str] = []
+    try:
+        with open("/proc/self/maps") as maps:
+            mapped = [line.split()[-1] for line in maps if "/libgdal" in line]
+    except OSError:  # not Linux
+        pass
+    bundled = glob.glob(os.path.join(site_packages, "rasterio.libs", "libgdal*"))
+    bundled += glob.glob(os.path.join(package, ".dylibs", "libgdal*"))
+    candidates = [p for p in mapped if p in bundled] + bundled
+    candidates += [p for p in mapped if not p.startswith(site_packages)]
+    candidates += [name for name in [ctypes.util.find_library("gdal")] if name and not bundled]
+    for candidate in dict.fromkeys(candidates):
+        try:
+            lib = ctypes.CDLL(candidate)
+            lib.VSICurlPartialClearCache.argtypes = [ctypes.c_char_p]
+            lib.VSICurlPartialClearCache.restype = None
+            lib.VSICurlClearCache.argtypes = []
+            lib.VSICurlClearCache.restype = None
+            lib.CPLPushErrorHandler.argtypes = [ctypes.c_void_p]
+            lib.CPLPushErrorHandler.restype = None
+            lib.CPLPopErrorHandler.argtypes = []
+            lib.CPLPopErrorHandler.restype = None
+            lib.CPLQuietErrorHandler = ctypes.cast(lib.CPLQuietErrorHandler, ctypes.c_void_p)
+        except (OSError, AttributeError):
+            continue
+        return lib
+    log.debug("libgdal not found; a failed remote read is tried again on the bytes GDAL kept")
+    return None
+
+
+# A URL's user info (``user:password@``), and a query string of key=value pairs after a path,
+# up to a quote, a space, or a comma, semicolon, colon or full stop before a space (how GDAL's
+# messages go on after a file name: "x.tif?sig=S, band 1", "...x.tif?sig=S. Retrying").
+_USERINFO_RE = re.compile(r"(?<=://)[^/\s@'\"<>]+@")
+_QUERY_RE = re.compile(r"\?[^\s'\"<>?=&]+=[^\s'\"<>]*?(?=[,;:.]?(?:\s|$)|['\"<>])")
+
+
+# curl's words for GDAL dropping an error page's body: nothing a user can act on.
+_CURL_NOISE_RE = re.compile(r"(HTTP response code: [1-9]\d\d) - Failure writing output to destination[^;)]*")
+
+
+def plain_message(text: str) -> str:
+    """A GDAL message as shown to the user: :func:`redact` ed, without curl's internal words."""
+    return _CURL_NOISE_RE.sub(r"\1", redact(text))
+
+
+def redact(text: str) -> str:
+    """``text`` without URL query strings and user info, which may hold credentials.
+
+    For messages that quote paths as GDAL does (a presigned URL, or just its file name with the
+    query); see :func:`display_name` for a path alone.
+    """
+    return _QUERY_RE.sub("", _USERINFO_RE.sub("", text))
 
 
 def error_text(err: BaseException) -> str:
@@ -122,10 +252,20 @@ def looks_transient(message: str) -> bool:
 
     Yes for HTTP 5xx or 429, a timeout, a curl or connection error, or bytes that did not
     arrive; no for decoding errors. GDAL does not report the HTTP status of a failed range
-    read, so a missing object (404) mid-scene looks the same as a dropped connection and is
-    tried again too, unless a 4xx status was reported.
+    read, so a missing object (404) mid-scene looks the same as a dropped connection; the
+    reopen before the next try meets the 404 (:func:`looks_lasting`).
     """
     return bool(_TRANSIENT_RE.search(message)) and not _LASTING_HTTP_RE.search(message)
+
+
+def looks_lasting(message: str) -> bool:
+    """Whether ``message`` reports an HTTP status that asking again will not change (401-404, 410)."""
+    return bool(_LASTING_HTTP_RE.search(message))
+
+
+def looks_short(message: str) -> bool:
+    """Whether GDAL's ``message`` says that fewer bytes arrived than it asked for."""
+    return bool(_SHORT_READ_RE.search(message))
 
 
 class _HttpMessages(logging.Handler):

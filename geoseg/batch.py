@@ -38,6 +38,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Literal
 
 from ._machine import physical_memory_bytes, usable_cores
+from ._remote import display_name, redact, split_list
 from ._version import __version__
 from .config import PredictConfig
 from .errors import ConfigError, DependencyNotFoundError, InputError, OutputError
@@ -107,8 +108,8 @@ def _canonical(scene: str, base: Path | None = None) -> str:
     def absolute(path: str) -> str:
         return path if _is_uri(path) else os.path.abspath(os.path.join(base or "", path))
 
-    if "," in scene and "?" not in scene and not os.path.exists(absolute(scene)):  # as resolve_source splits
-        return ",".join(absolute(part) for part in scene.split(","))
+    if "," in scene and not os.path.exists(absolute(scene)):  # as resolve_source splits
+        return ",".join(absolute(part) for part in split_list(scene))
     return absolute(scene)
 
 
@@ -122,6 +123,8 @@ def output_name(scene: str, template: str = DEFAULT_TEMPLATE) -> str:
     Raises:
         ConfigError: The template has another field, or leaves the out dir.
     """
+    if "," in scene and not os.path.exists(scene):  # band files: named after the first
+        scene = split_list(scene)[0]
     path = PurePosixPath(scene.split("?", 1)[0].rstrip("/"))
     try:
         name = template.format(stem=path.stem, name=path.name, parent=path.parent.name)
@@ -429,12 +432,15 @@ class BatchSummary:
             f"{self.megapixels:>9.1f} {self.seconds:>9.1f} {self.megapixels_per_second:>7.2f} "
             f"{self.scenes_per_hour:>9.0f}",
         ]
-        # Most errors name their file already.
-        lines += [
-            f"failed: {error if scene in error else f'{scene}: {error}'}" for scene, error in self.failures
-        ]
+        lines += [f"failed: {_failure_line(scene, error)}" for scene, error in self.failures]
         lines.append(f"manifest: {self.manifest}")
         return "\n".join(lines)
+
+
+def _failure_line(scene: str, error: str) -> str:
+    """A failed scene and its error, without credentials (a URL's query string or user info)."""
+    name, error = display_name(scene), redact(error)
+    return error if name in error else f"{name}: {error}"  # most errors name their file already
 
 
 def local_cluster_size(
@@ -983,7 +989,7 @@ class _Driver:
             self.attempts[key] = msg.get("attempt", self.attempts.get(key, 0) + 1)
             scene = self.scenes[key]
             if self.attempts[key] > 1:
-                log.warning("%s: its worker died; trying again on %s", scene.input, msg.get("worker"))
+                log.warning("%s: its worker died; trying again on %s", display_name(scene.input), msg.get("worker"))
             self.manifest.upsert(
                 scene.input,
                 status="running",
@@ -1064,6 +1070,6 @@ class _Driver:
         self._count_failure(scene.input, message)
 
     def _count_failure(self, scene: str, message: str) -> None:
-        log.warning("failed: %s", message if scene in message else f"{scene}: {message}")
+        log.warning("failed: %s", _failure_line(scene, message))
         self.summary.failed += 1
         self.summary.failures.append((scene, message))

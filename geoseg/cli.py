@@ -34,11 +34,42 @@ def _configure_logging(verbosity: int, quiet: bool) -> None:
     root_level = level if verbosity else max(level, logging.WARNING)
     logging.basicConfig(level=root_level, format="%(levelname)s: %(message)s", stream=sys.stderr)
     logging.getLogger("geoseg").setLevel(level)
+    for handler in logging.getLogger().handlers:
+        for old in [f for f in handler.filters if isinstance(f, _UserLogFilter)]:
+            handler.removeFilter(old)
+        handler.addFilter(_UserLogFilter(show_gdal_retries=verbosity > 0))
+
+
+class _UserLogFilter(logging.Filter):
+    """Log lines as the user may see them: URLs without credentials, GDAL's retries only with -v.
+
+    GDAL names the URL it fetches, query string and ``user:password@`` included, in its messages
+    (which rasterio logs); and it reports each retry of an HTTP request as a warning, several per
+    failed read, which geoseg's own "trying again" warnings sum up.
+    """
+
+    def __init__(self, show_gdal_retries: bool):
+        super().__init__()
+        self.show_gdal_retries = show_gdal_retries
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from ._remote import redact
+
+        message = record.getMessage()
+        clean = redact(message)
+        if clean != message:
+            record.msg, record.args = clean, ()
+        if record.name.startswith("rasterio") and "Retrying again in" in message and record.levelno > logging.DEBUG:
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return self.show_gdal_retries
+        return True
 
 
 def _show_warning(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
     # One line per warning, as a user reads it; no source lines.
-    click.echo(f"Warning: {message}", err=True)
+    from ._remote import redact
+
+    click.echo(f"Warning: {redact(str(message))}", err=True)
 
 
 @contextmanager

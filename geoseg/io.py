@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import threading
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -300,16 +301,37 @@ class SceneReader:
     where every selected band equals the nodata value, or where any band is NaN.
     """
 
-    def __init__(self, scene: Scene, multiplier: Sequence[float], bias: Sequence[float]):
+    def __init__(
+        self,
+        scene: Scene,
+        multiplier: Sequence[float],
+        bias: Sequence[float],
+        stop: threading.Event | None = None,
+    ):
+        """Open the scene.
+
+        Args:
+            scene: The checked scene.
+            multiplier: Per band, the normalisation ``x * multiplier + bias``.
+            bias: See ``multiplier``.
+            stop: Set when the run stops: a remote read being tried again gives up at once.
+        """
         self.scene = scene
-        self._src = _open(scene.path)
         self._remote = _remote.is_remote(scene.path)
+        self._stop = stop or threading.Event()
+        # A remote scene is opened by the first read, which tries again as reads do.
+        self._src: rasterio.io.DatasetReader | None = None if self._remote else _open(scene.path)
+        self._read_env: rasterio.Env | None = None  # READ_GDAL_OPTIONS, entered by the first remote read
         self._mul = np.asarray(multiplier, np.float32)[:, None, None]
         self._bias = np.asarray(bias, np.float32)[:, None, None]
 
     def close(self) -> None:
-        """Close the dataset handle."""
-        self._src.close()
+        """Close the dataset handle (in the thread that read)."""
+        if self._src is not None:
+            self._src.close()
+        if self._read_env is not None:
+            self._read_env.__exit__(None, None, None)
+            self._read_env = None
 
     def __enter__(self) -> SceneReader:
         return self
@@ -323,9 +345,12 @@ class SceneReader:
         """Read the ``size_px`` square tile whose top-left pixel is (``y``, ``x``).
 
         A remote scene's read that fails in a way that looks transient (see
-        :func:`geoseg._remote.looks_transient`) is tried again, up to ``READ_ATTEMPTS`` times
-        with doubling waits, on a reopened dataset, on top of GDAL's own retries of each HTTP
-        request.
+        :func:`geoseg._remote.looks_transient`) is tried again, up to ``READ_ATTEMPTS`` times in
+        all with doubling waits (:data:`geoseg._remote.READ_BACKOFF_S`), on a reopened dataset
+        whose fetched bytes GDAL has forgotten. GDAL does not retry the requests of these reads
+        itself (:data:`geoseg._remote.READ_GDAL_OPTIONS`). A reopen that meets a lasting HTTP
+        status (404, 403) ends the tries at once, and no try starts ``READ_GIVE_UP_S`` after the
+        first began (a stalled transfer fails only at GDAL's low-speed timeout).
 
         Returns:
             ``(pixels (C, size, size) float32, valid (size, size) bool, h, w)``, where ``h, w``
@@ -334,31 +359,22 @@ class SceneReader:
         Raises:
             InputError: GDAL failed to read the window (truncated or corrupt file, or a remote
                 read that kept failing). The message names the scene and gives GDAL's message.
+            RuntimeError: ``stop`` was set while a remote read was being tried again.
         """
         scene = self.scene
         h = min(size_px, scene.height - y)
         w = min(size_px, scene.width - x)
         window = Window(x, y, w, h)
-        attempts = _remote.READ_ATTEMPTS if self._remote else 1
-        for attempt in range(1, attempts + 1):
-            with _remote.http_messages() as http:
-                try:
-                    raw = self._src.read(scene.band_indexes, window=window)
-                    valid = self._valid_mask(raw, window)
-                    break
-                except RasterioError as err:
-                    message = "; ".join([*dict.fromkeys(http), _gdal_message(err)])
-                    transient = _remote.looks_transient(f"{message} {_remote.error_text(err)}")
-                    if attempt == attempts or not transient:
-                        tries = f" after {attempt} attempts" if attempt > 1 else ""
-                        where = f"rows {y}-{y + h}, cols {x}-{x + w}"
-                        raise InputError(f"{scene.label}: read failed at {where}{tries} ({message})") from err
-            delay = _remote.READ_BACKOFF_S * 2 ** (attempt - 1)
-            log.warning("%s: read failed (%s); trying again in %g s (attempt %d of %d)",
-                        scene.label, message, delay, attempt + 1, attempts)
-            _remote.close_forgetting_bytes(self._src)  # else the retry meets the same cut-short bytes
-            time.sleep(delay)
-            self._src = _open(scene.path)
+        if not self._remote:
+            try:
+                assert self._src is not None
+                raw = self._src.read(scene.band_indexes, window=window)
+                valid = self._valid_mask(raw, window)
+            except RasterioError as err:
+                raise InputError(f"{scene.label}: read failed at rows {y}-{y + h}, cols {x}-{x + w} "
+                                 f"({_gdal_message(err)})") from err
+        else:
+            raw, valid = self._read_remote(window)
         pixels = raw.astype(np.float32)
         pixels *= self._mul
         pixels += self._bias
@@ -368,6 +384,54 @@ class SceneReader:
             pixels = np.pad(pixels, pad, mode="reflect" if min(h, w) > 1 else "edge")
             valid = np.pad(valid, pad[1:], mode="constant", constant_values=False)
         return pixels, valid, h, w
+
+    def _read_remote(self, window: Window) -> tuple[npt.NDArray[Any], npt.NDArray[np.bool_]]:
+        """Read a window of a remote scene, trying again as :meth:`read_tile` says."""
+        scene = self.scene
+        attempts = _remote.READ_ATTEMPTS
+        if self._read_env is None:  # once for the reader's life: a rasterio.Env per tile costs log lines
+            self._read_env = rasterio.Env(**{k: v for k, v in _remote.READ_GDAL_OPTIONS.items()
+                                             if k not in os.environ})
+            self._read_env.__enter__()
+        started = time.monotonic()
+        for attempt in range(1, attempts + 1):
+            if self._stop.is_set():
+                raise RuntimeError("pipeline stopped")
+            with _remote.http_messages() as http:
+                reopening = self._src is None
+                try:
+                    if self._src is None:
+                        self._src = rasterio.open(scene.path)
+                        reopening = False
+                    raw = self._src.read(scene.band_indexes, window=window)
+                    return raw, self._valid_mask(raw, window)
+                except RasterioError as err:
+                    message = "; ".join([*dict.fromkeys(_remote.redact(m) for m in http), _gdal_message(err)])
+                    if reopening and attempt > 1:  # it opened before: only a lasting HTTP status is final
+                        message = f"reopening: {message}"
+                        transient = not _remote.looks_lasting(message)
+                    else:
+                        cause = _remote.error_text(err)
+                        if not http and _remote.looks_short(cause):  # GDAL does not say why: say what
+                            message = f"fewer bytes arrived than asked for: {message}"
+                        transient = _remote.looks_transient(f"{message} {cause}")
+                    delay = _remote.READ_BACKOFF_S * 2 ** (attempt - 1)
+                    late = time.monotonic() - started + delay > _remote.READ_GIVE_UP_S
+                    if attempt == attempts or not transient or late:
+                        seconds = time.monotonic() - started
+                        tries = f" after {attempt} attempts in {seconds:.0f} s" if attempt > 1 else ""
+                        where = f"rows {window.row_off}-{window.row_off + window.height}, " \
+                                f"cols {window.col_off}-{window.col_off + window.width}"
+                        raise InputError(f"{scene.label}: read failed at {where}{tries} ({message})") from err
+            log.warning("%s: read failed (%s); trying again in %g s (attempt %d of %d)",
+                        scene.label, message, delay, attempt + 1, attempts)
+            if self._src is not None:
+                self._src.close()
+                self._src = None
+            _remote.forget_fetched_bytes(scene.path)  # else the retry meets the same cut-short bytes
+            if self._stop.wait(delay):
+                raise RuntimeError("pipeline stopped")
+        raise AssertionError("unreachable")
 
     def _valid_mask(self, raw: npt.NDArray[Any], window: Window) -> npt.NDArray[np.bool_]:
         return valid_pixels(self.scene, self._src, raw, window=window)
@@ -742,4 +806,4 @@ def _gdal_message(err: BaseException) -> str:
     while "previous exception" in str(err) and err.__cause__ is not None:
         err = err.__cause__
     text = str(err).strip() or type(err).__name__
-    return text.splitlines()[0]
+    return _remote.plain_message(text.splitlines()[0])

@@ -54,9 +54,11 @@ DEFAULT_MODEL_NAME = "default.safetensors"
 # for large blocks, strips and several readers (see block_cache_bytes).
 GDAL_CACHE_MB = 16
 # GDAL settings for reading remote files in windows; a variable of the same name in the
-# environment wins. GDAL doubles the retry delay after each retry (with some jitter).
+# environment wins. GDAL multiplies the retry delay by 2 to 2.5 after each retry.
 REMOTE_GDAL_OPTIONS: dict[str, Any] = {
-    "GDAL_HTTP_MAX_RETRY": 5,  # per HTTP request, on 429, 502, 503, 504 (GDAL_HTTP_RETRY_CODES for others)
+    # per HTTP request, on 429 and 5xx (GDAL_HTTP_RETRY_CODES for others); window reads run with
+    # none (_remote.READ_GDAL_OPTIONS): geoseg tries those again itself
+    "GDAL_HTTP_MAX_RETRY": 5,
     "GDAL_HTTP_RETRY_DELAY": 0.5,  # seconds before the first retry
     "GDAL_HTTP_CONNECTTIMEOUT": 30,
     "GDAL_HTTP_LOW_SPEED_TIME": 60,  # a transfer slower than 1 byte/s for 60 s fails (and is retried)
@@ -66,6 +68,8 @@ REMOTE_GDAL_OPTIONS: dict[str, Any] = {
     "CPL_VSIL_CURL_CACHE_SIZE": 128 << 20,  # fetched bytes kept, process-wide, so no range is fetched twice
 }
 _DONE = object()
+#: Seconds a stopped run waits for its reader threads to finish a read in progress.
+READER_STOP_GRACE_S = 2.0
 # Rows per block handed to the outputs when they carry probabilities: 64 rows of 8 classes at
 # 8192 px are 17 MB of float32, where a whole stride of rows (224 for 256 px tiles) is 59 MB.
 PROBABILITY_ROWS = 64
@@ -519,7 +523,11 @@ def _run(
         outputs.commit()
     except BaseException as err:
         stop.set()
-        _join(*reading, writer_thread)
+        _join(writer_thread)  # it polls ``stop``; the outputs it writes are closed below
+        # A reader may be inside a remote request (up to GDAL's connect and low-speed timeouts):
+        # not waited for beyond a grace time, so Ctrl-C and SIGTERM end the run within seconds. It
+        # reads through its own handle and sees ``stop`` once the request returns.
+        _join(*reading, timeout=READER_STOP_GRACE_S)
         outputs.close()
         outputs.abort()
         writer_error = getattr(writer_thread, "error", None)
@@ -531,10 +539,15 @@ def _run(
     return predicted
 
 
-def _join(*threads: threading.Thread) -> None:
+def _join(*threads: threading.Thread, timeout: float | None = None) -> None:
+    """Wait for the started ``threads``; with a ``timeout``, for at most that many seconds in all."""
+    deadline = None if timeout is None else time.monotonic() + timeout
     for thread in threads:
         if thread.ident is not None:  # started
-            thread.join()
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+    busy = [t.name for t in threads if t.is_alive()]
+    if busy:
+        log.debug("not waiting for %s, still busy", ", ".join(busy))
 
 
 def _put(q: queue.Queue[Any], item: Any, stop: threading.Event) -> None:
@@ -599,7 +612,7 @@ def _read_batches(
     first, readers = part
     buffers = _BatchBuffers(out.maxsize, batch_size, in_network)
     try:
-        with SceneReader(scene, multiplier, bias) as reader:
+        with SceneReader(scene, multiplier, bias, stop) as reader:
 
             def read(tile: Tile) -> tuple[Tile, Any, Any, tuple[int, int]] | None:
                 inside = None

@@ -8,8 +8,9 @@
 - several files (a list, or SRC with commas) are stacked band after band into a VRT built in
   memory (its XML text is what GDAL opens); they must share CRS and grid, except that coarser
   bands are resampled onto the finest grid when ``resample`` is given;
-- a STAC Item (SRC ending in ``.json``, a local file or an http(s) URL) picks one asset per model
-  band by ``eo:bands`` common name, or by asset key, and stacks them like band files.
+- a STAC Item (SRC ending in ``.json``, a local file or an http(s) URL, or a STAC API Item URL
+  that answers with JSON) picks one asset per model band by ``eo:bands`` common name, or by asset
+  key, and stacks them like band files.
 """
 
 from __future__ import annotations
@@ -25,13 +26,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import unquote, urljoin, urlsplit
 from xml.sax.saxutils import escape
 
 import rasterio
 from rasterio.errors import RasterioError, RasterioIOError
 
-from ._remote import display_name, gdal_path, is_remote, listing_off_if_remote
+from ._remote import display_name, gdal_path, is_remote, listing_off_if_remote, plain_message, split_list
 from .errors import ConfigError, InputError
 from .modelfile import LoadedModel, ModelMetadata, Normalization
 
@@ -139,8 +140,8 @@ def resolve_source(
     :meth:`ResolvedSource.calibrate`.
 
     Args:
-        src: A path or URI, a comma-separated list of them (unless SRC is an existing file or
-            has a ``?``), a sequence of them, or a STAC Item (``.json``).
+        src: A path or URI, a comma-separated list of them (unless SRC is an existing file; see
+            :func:`split_source`), a sequence of them, or a STAC Item (``.json``).
         metadata: The model the scene feeds.
         resample: Resample coarser band files onto the finest grid with this method; ``None``
             refuses band files of different resolutions.
@@ -155,7 +156,7 @@ def resolve_source(
     if resample is not None and resample not in ("nearest", "bilinear", "cubic"):
         raise ConfigError(f"resample must be nearest, bilinear or cubic, got {resample!r}")
     items = split_source(src)
-    if len(items) == 1 and is_stac_item(items[0]):
+    if len(items) == 1 and (is_stac_item(items[0]) or _serves_stac_json(items[0])):
         return _resolve_stac_item(items[0], metadata, resample, assets)
     if assets:
         raise ConfigError("--assets applies to a STAC Item SRC (a .json file or URL) only")
@@ -169,16 +170,16 @@ def resolve_source(
 def split_source(src: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[str]:
     """SRC as a list of paths.
 
-    A sequence as given; a string split at commas, unless it is an existing file or holds a
-    ``?`` (a URL query may contain commas).
+    A sequence as given; a string split at commas, unless it is an existing file; a string with a
+    ``?`` (a URL query may contain commas) only at commas that start another URI or /vsi path.
 
     Raises:
         InputError: SRC is empty.
     """
     if isinstance(src, (str, os.PathLike)):
         text = os.fspath(src)
-        if "," in text and "?" not in text and not _exists(text):
-            items = [part.strip() for part in text.split(",")]
+        if "," in text and not _exists(text):
+            items = split_list(text)
         else:
             items = [text]
     else:
@@ -191,6 +192,33 @@ def split_source(src: str | os.PathLike[str] | Sequence[str | os.PathLike[str]])
 def is_stac_item(src: str) -> bool:
     """Whether SRC names a STAC Item: its path (without a URL query) ends in ``.json``."""
     return urlsplit(src).path.lower().endswith(".json") if "://" in src else src.lower().endswith(".json")
+
+
+#: Media types of a STAC Item fetched from a STAC API.
+_JSON_TYPES = ("application/geo+json", "application/json")
+
+
+def _serves_stac_json(src: str) -> bool:
+    """Whether ``src`` is a STAC API Item URL: an http(s) URL whose path has no file suffix or
+    runs through ``/items/`` (``.../collections/C/items/ID``), answering with JSON.
+
+    Only the answer's Content-Type is looked at, of a request for its first byte (a raster served
+    without a suffix is not downloaded; a STAC API sends the whole Item, a few kB). Any failure
+    means no: GDAL then opens ``src``.
+    """
+    import http.client
+
+    if not src.startswith(("https://", "http://")):
+        return False
+    path = urlsplit(src).path
+    if "/items/" not in path and Path(path).suffix:
+        return False
+    try:
+        first_byte = urllib.request.Request(src, headers={"Range": "bytes=0-0"})
+        with urllib.request.urlopen(first_byte, timeout=30) as response:
+            return response.headers.get_content_type() in _JSON_TYPES
+    except (OSError, ValueError, http.client.HTTPException):
+        return False
 
 
 def parse_assets(text: str) -> dict[str, str] | list[str]:
@@ -582,7 +610,7 @@ def _best_asset(name: str, common: str, keys: list[str], item_assets: Mapping[st
 def _resolve_href(location: str, href: str) -> str:
     """An asset href as a path or URI: relative hrefs are relative to the item's location."""
     if href.startswith("file://"):
-        return urlsplit(href).path
+        return unquote(urlsplit(href).path)  # a file URI's path is percent-encoded (%20 for a space)
     if "://" in href:
         return href
     if "://" in location:
@@ -633,4 +661,4 @@ def _float_or_none(value: Any) -> float | None:
 def _first_line(err: BaseException) -> str:
     while "previous exception" in str(err) and err.__cause__ is not None:
         err = err.__cause__
-    return (str(err).strip() or type(err).__name__).splitlines()[0]
+    return plain_message((str(err).strip() or type(err).__name__).splitlines()[0])

@@ -27,6 +27,7 @@ from geoseg import PredictConfig, predict_scene  # noqa: E402
 from geoseg.batch import (  # noqa: E402
     ATTEMPTS_MARKER,
     LOCK_NAME,
+    BatchSummary,
     OutDirLock,
     connect,
     expand_inputs,
@@ -147,10 +148,28 @@ def test_expand_inputs_files_globs_and_lists(tmp_path: Path) -> None:
 def test_output_names_from_template() -> None:
     assert output_name("/data/LC08/scene.tif") == "scene_landcover.tif"
     assert output_name("https://h/x/s.tif?sig=1", "{parent}_{stem}.tif") == "x_s.tif"
+    # band files joined by commas: named after the first
+    assert output_name("/data/a/B04.tif,/data/b/B08.tif", "{parent}_{stem}.tif") == "a_B04.tif"
+    assert output_name("https://h/x/B04.tif,https://h/x/B08.tif") == "B04_landcover.tif"
+    assert output_name("https://h/x/B04.tif?sig=1,2,https://h/x/B08.tif?sig=3") == "B04_landcover.tif"
     with pytest.raises(ConfigError, match="{stem}"):
         output_name("a.tif", "{date}.tif")
     with pytest.raises(ConfigError, match="inside the out dir"):
         output_name("a.tif", "../{stem}.tif")
+
+
+def test_the_summary_names_failed_urls_without_credentials(tmp_path: Path) -> None:
+    summary = BatchSummary(out_dir=tmp_path, manifest=tmp_path / MANIFEST_NAME, failed=2)
+    summary.failures = [
+        ("http://u:PASSWORD@h/404/missing.tif?X-Amz-Signature=SECRET",
+         "http://h/404/missing.tif: cannot open (HTTP response code: 404)"),
+        ("https://h/b.tif?sig=SECRET", "RasterioIOError: b.tif?sig=SECRET: not recognized"),
+    ]
+    failed = [line for line in summary.format_table().splitlines() if line.startswith("failed: ")]
+    assert failed == [
+        "failed: http://h/404/missing.tif: cannot open (HTTP response code: 404)",
+        "failed: https://h/b.tif: RasterioIOError: b.tif: not recognized",
+    ]
 
 
 def test_settings_hash_ignores_speed_only_fields() -> None:

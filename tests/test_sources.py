@@ -17,7 +17,11 @@ import logging
 import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
 import threading
+import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,7 +36,9 @@ from rasterio.windows import Window
 import geoseg._remote
 from geoseg.cli import main
 from geoseg.config import PredictConfig
+from geoseg._remote import gdal_path
 from geoseg.errors import ConfigError, InputError, OutputError
+from geoseg.io import SceneReader, open_scene
 from geoseg.modelfile import Normalization, load_model
 from geoseg.pipeline import GDAL_CACHE_MB, block_cache_bytes, gdal_options, plan_grid, predict_scene
 from geoseg.sources import is_stac_item, parse_assets, resolve_source, split_source
@@ -117,7 +123,8 @@ class RangeServer:
             handler.end_headers()
             return
         data = path.read_bytes()
-        headers = {"Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"}
+        media = "application/geo+json" if data[:1] == b"{" else "application/octet-stream"
+        headers = {"Accept-Ranges": "bytes", "Content-Type": media}
         if not ranges:
             status, payload = 200, data
         elif len(ranges) == 1:
@@ -273,6 +280,9 @@ def test_source_lists_and_stac_detection(tmp_path: Path) -> None:
     assert split_source("a.tif,b.tif, c.tif") == ["a.tif", "b.tif", "c.tif"]
     assert split_source(["a.tif", Path("b.tif")]) == ["a.tif", "b.tif"]
     assert split_source("https://h/x.tif?bbox=1,2") == ["https://h/x.tif?bbox=1,2"]  # a query may hold commas
+    # presigned band files: split where another URI starts
+    assert split_source("https://h/a.tif?s=1,2,s3://b/c.tif, https://h/d.tif?s=3") == [
+        "https://h/a.tif?s=1,2", "s3://b/c.tif", "https://h/d.tif?s=3"]
     odd = tmp_path / "a,b.tif"
     odd.write_bytes(b"")
     assert split_source(str(odd)) == [str(odd)]  # an existing file is never split
@@ -421,9 +431,22 @@ def test_missing_remote_file_is_one_clear_error(
     url = server.url("absent.tif")
     with pytest.raises(InputError) as err:
         predict(url + "?token=secret", tmp_path / "out.tif", tiny_loaded_model)
-    assert str(err.value).startswith(f"{url}: ")
-    assert "secret" not in str(err.value)
+    assert str(err.value) == f"{url}: cannot open (HTTP response code: 404)"  # no token
     assert not (tmp_path / "out.tif").exists()
+
+
+def test_gdal_messages_as_shown_to_the_user() -> None:
+    """GDAL quotes paths with their query string, URLs with their password; curl adds words of
+    its own to an HTTP status (as GDAL 3.10 says them)."""
+    plain = geoseg._remote.plain_message
+    assert plain("HTTP response code: 404 - Failure writing output to destination, passed 10 returned 0") == (
+        "HTTP response code: 404")
+    assert plain("scene.tif?sig=SECRET, band 1: IReadBlock failed at X offset 0") == (
+        "scene.tif, band 1: IReadBlock failed at X offset 0")
+    assert plain("HTTP error code: 500 - http://user:PW@h:8766/a/scene.tif?X-Amz-Signature=S&b=2. Retrying again") == (
+        "HTTP error code: 500 - http://h:8766/a/scene.tif. Retrying again")
+    assert plain("'/vsicurl/https://h/x.tif?a=1:2' not recognized") == "'/vsicurl/https://h/x.tif' not recognized"
+    assert plain("Is this a question? Yes, a=1") == "Is this a question? Yes, a=1"
 
 
 # --- one file per band ---------------------------------------------------------------------------------
@@ -587,6 +610,22 @@ def test_stac_item_url_with_relative_hrefs(
     assert all(server.served(f"{band}.tif") > 0 for band in BANDS)
 
 
+def test_stac_api_item_url_without_a_suffix(
+    tmp_path: Path, archive: Path, server: RangeServer, tiny_loaded_model
+) -> None:
+    items = server.root / "collections" / "zion" / "items"
+    items.mkdir(parents=True)
+    (items / "zion-crop").write_text(json.dumps(stac_item({b: server.url(f"{b}.tif") for b in BANDS})))
+    shutil.copy(server.root / "scene.tif", server.root / "scene")  # a raster without a suffix still opens
+    predict(archive / "scene.tif", tmp_path / "local.tif", tiny_loaded_model)
+    predict(server.url("collections/zion/items/zion-crop"), tmp_path / "api.tif", tiny_loaded_model)
+    predict(server.url("scene"), tmp_path / "nosuffix.tif", tiny_loaded_model)
+    assert_same_output(tmp_path / "local.tif", tmp_path / "api.tif")
+    assert_same_output(tmp_path / "local.tif", tmp_path / "nosuffix.tif")
+    gets = [header for method, name, header in server.requests if (method, name) == ("GET", "scene")]
+    assert gets and all(gets), "a raster without a suffix must be read in ranges, never downloaded whole"
+
+
 def test_local_stac_item_with_absolute_urls_and_chosen_assets(
     tmp_path: Path, archive: Path, server: RangeServer, tiny_loaded_model
 ) -> None:
@@ -721,7 +760,8 @@ def test_a_server_that_always_fails_mid_scene_fails_the_scene_cleanly(
         predict(url, out / "labels.tif", tiny_loaded_model)
     message = str(err.value)
     where = r"rows \d+-\d+, cols \d+-\d+"
-    assert re.match(rf"{re.escape(url)}: read failed at {where} after 4 attempts \(", message)
+    attempts = geoseg._remote.READ_ATTEMPTS
+    assert re.match(rf"{re.escape(url)}: read failed at {where} after {attempts} attempts in \d+ s \(", message)
     assert "HTTP error code: 503" in message and "IReadBlock failed" in message
     assert "\n" not in message
     assert list(out.iterdir()) == []
@@ -796,3 +836,131 @@ def test_dropped_connections_mid_scene_are_retried_by_geoseg(
     assert server.failed == 2
     retries = [r.getMessage() for r in caplog.records if "trying again" in r.getMessage()]
     assert retries and all(server.url("scene.tif") in r for r in retries)
+
+
+def test_a_transfer_cut_short_is_fetched_again(
+    tmp_path: Path, archive: Path, server: RangeServer, tiny_loaded_model, fast_retries, caplog
+) -> None:
+    """GDAL keeps what arrived of a transfer cut short (here a whole striped file's pixels, read in
+    one request) and serves it to a reopened file too; the retry must forget it and ask again."""
+    with rasterio.open(archive / "scene.tif") as src:
+        profile = src.profile | {"driver": "GTiff", "tiled": False, "compress": "none"}
+        profile.pop("blockxsize"), profile.pop("blockysize")
+        with rasterio.open(server.root / "strips.tif", "w", **profile) as dst:
+            dst.write(src.read())
+    predict(server.root / "strips.tif", tmp_path / "local.tif", tiny_loaded_model)
+    server.fail(1, from_offset=HEADER_BYTES, status=None)
+    with caplog.at_level(logging.WARNING, logger="geoseg"):
+        predict(server.url("strips.tif"), tmp_path / "remote.tif", tiny_loaded_model)
+    assert_same_output(tmp_path / "local.tif", tmp_path / "remote.tif")
+    assert server.failed == 1
+    retries = [r.getMessage() for r in caplog.records if "trying again" in r.getMessage()]
+    assert len(retries) == 1, retries
+    pixels = [r for r in server.requests if r[2] and _parse_ranges(r[2], 1 << 40)[0][0] >= HEADER_BYTES]
+    assert pixels.count(pixels[0]) == 2, "the range cut short was never asked for again"
+
+
+def test_a_file_gone_mid_scene_fails_at_once_with_its_http_status(
+    server: RangeServer, tiny_metadata, fast_retries
+) -> None:
+    """GDAL does not say why a range read failed; the reopen before the next try meets the 404,
+    which asking again will not change."""
+    meta = tiny_metadata()
+    with rasterio.Env(**gdal_options(remote=True)):
+        scene = open_scene(gdal_path(server.url("big.tif?sig=SECRET")), meta)
+        with SceneReader(scene, *meta.normalization.multiplier_and_bias()) as reader:
+            reader.read_tile(0, 0, 128)
+            (server.root / "big.tif").unlink()
+            with pytest.raises(InputError) as err:
+                reader.read_tile(1280, 1000, 128)
+    message = str(err.value)
+    assert message.startswith(f"{server.url('big.tif')}: read failed at rows 1280-1408, cols 1000-1128 after 2 attempts")
+    assert "HTTP response code: 404" in message and "SECRET" not in message
+
+
+def test_a_stopped_run_gives_up_a_read_being_tried_again(
+    archive: Path, server: RangeServer, tiny_metadata, monkeypatch
+) -> None:
+    monkeypatch.setattr(geoseg._remote, "READ_BACKOFF_S", 60.0)  # a wait nobody sits out
+    server.fail(-1, from_offset=data_offset(archive / "big.tif") + HEADER_BYTES)
+    meta = tiny_metadata()
+    stop = threading.Event()
+    with rasterio.Env(**gdal_options(remote=True)):
+        scene = open_scene(gdal_path(server.url("big.tif")), meta)
+        with SceneReader(scene, *meta.normalization.multiplier_and_bias(), stop=stop) as reader:
+            threading.Timer(0.5, stop.set).start()
+            with pytest.raises(RuntimeError, match="pipeline stopped"):
+                reader.read_tile(1280, 1000, 128)
+    assert server.failed >= 1
+
+
+@pytest.mark.parametrize(("signum", "status", "said"), [
+    (signal.SIGTERM, 128 + signal.SIGTERM, ""),
+    (signal.SIGINT, 130, "Interrupted; no output was written."),
+])
+def test_a_signal_stops_a_run_whose_remote_reads_keep_failing(
+    tmp_path: Path, archive: Path, server: RangeServer, tiny_model_file: Path, signum: int, status: int, said: str
+) -> None:
+    """A real process, GDAL's and geoseg's own retry settings: the signal ends the run while a read
+    is being tried again (minutes before the read would fail), and nothing is left behind."""
+    server.fail(-1, from_offset=data_offset(archive / "scene.tif") + HEADER_BYTES)
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GDAL_HTTP", "CPL_"))}
+    args = ["predict", server.url("scene.tif?sig=SECRET"), out / "labels.tif", "--model", tiny_model_file,
+            "--device", "cpu", "--threads", 1]
+    proc = subprocess.Popen([sys.executable, "-m", "geoseg", *map(str, args)], stderr=subprocess.PIPE, text=True,
+                            env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while server.failed < 1 or not any(".geoseg-tmp" in p.name for p in out.iterdir()):
+            assert proc.poll() is None, f"geoseg ended early: {proc.communicate()[1]}"
+            assert time.monotonic() < deadline, "geoseg never read the failing pixels"
+            time.sleep(0.05)
+        time.sleep(0.5)  # into geoseg's wait before the next try
+        assert proc.poll() is None
+        proc.send_signal(signum)
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == status, stderr
+    assert "Traceback" not in stderr and "SECRET" not in stderr
+    assert said in stderr and "read failed at" not in stderr
+    assert list(out.iterdir()) == []
+
+
+def test_stderr_shows_no_credentials_and_folds_gdals_retries(
+    tmp_path: Path, server: RangeServer, tiny_model_file: Path
+) -> None:
+    """GDAL names the URL it retries, query string and password included, once per retry: the
+    command line shows those lines only with -v (at DEBUG), and without the credentials."""
+    url = server.url("scene.tif?X-Amz-Signature=SECRET").replace("http://", "http://user:PASSWORD@")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GDAL_HTTP", "CPL_"))}
+    env["GDAL_HTTP_RETRY_DELAY"] = "0.01"
+    runs = {}
+    for verbosity in ([], ["-v"]):
+        server.fail(2)  # the opening requests: GDAL tries them again
+        args = ["predict", url, tmp_path / f"out{len(verbosity)}.tif", "--model", tiny_model_file,
+                "--device", "cpu", "--threads", 1, *verbosity]
+        proc = subprocess.run([sys.executable, "-m", "geoseg", *map(str, args)], capture_output=True, text=True,
+                              env=env, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        assert "SECRET" not in proc.stderr and "PASSWORD" not in proc.stderr, proc.stderr
+        runs[bool(verbosity)] = [line for line in proc.stderr.splitlines() if "Retrying again" in line]
+    assert runs[False] == []
+    assert runs[True] and all(line.startswith("DEBUG: ") and server.url("scene.tif") in line for line in runs[True])
+
+
+def test_the_gdal_library_whose_cache_is_cleared_is_rasterios() -> None:
+    """Wheels bundle a libgdal each (fiona's, rasterio's); clearing another copy's cache does nothing."""
+    import ctypes
+
+    pytest.importorskip("fiona")  # maps its own libgdal into the process
+    lib = geoseg._remote._load_libgdal()
+    assert lib is not None
+    lib.CPLGetConfigOption.restype = ctypes.c_char_p
+    lib.CPLGetConfigOption.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+    with rasterio.Env(GEOSEG_TEST_OPTION="seen"):  # set in the copy rasterio uses
+        assert lib.CPLGetConfigOption(b"GEOSEG_TEST_OPTION", None) == b"seen"
