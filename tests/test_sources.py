@@ -896,7 +896,7 @@ def test_a_stopped_run_gives_up_a_read_being_tried_again(
 
 @pytest.mark.parametrize(("signum", "status", "said"), [
     (signal.SIGTERM, 128 + signal.SIGTERM, ""),
-    (signal.SIGINT, 130, "Interrupted; no output was written."),
+    (signal.SIGINT, 130, "Interrupted; no unfinished output was left behind."),
 ])
 def test_a_signal_stops_a_run_whose_remote_reads_keep_failing(
     tmp_path: Path, archive: Path, server: RangeServer, tiny_model_file: Path, signum: int, status: int, said: str
