@@ -103,15 +103,10 @@ def check_figures_destination(
         OutputError: ``dst`` is one of the inputs (even with ``overwrite``), a folder, in a
             missing folder, or exists without ``overwrite``.
     """
+    from .modelfile import check_not_an_input
+
     dst = Path(dst)
-    for what, path in inputs.items():
-        if path is None:
-            continue
-        same = os.path.abspath(path) == os.path.abspath(dst)
-        if not same and dst.exists() and Path(path).exists():
-            same = os.path.samefile(path, dst)
-        if same:
-            raise OutputError(f"{dst}: is {what}, an input of this run; choose another file for --json")
+    check_not_an_input(dst, inputs, option="--json")
     if not dst.parent.is_dir():
         raise OutputError(f"{dst}: folder {dst.parent} does not exist")
     if dst.is_dir():

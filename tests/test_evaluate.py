@@ -206,7 +206,7 @@ def test_cli_json_destination_rules(runner, tmp_path: Path, pair: tuple[str, str
         result = runner.invoke(main, [*base, "--json", target, "--overwrite"])
         assert result.exit_code == 1
         assert result.output.strip() == (
-            f"Error: {target}: is {what}, an input of this run; choose another file for --json"
+            f"Error: {target}: --json is an input of this run ({what}); choose another file"
         )
         assert Path(target).read_bytes() == before
     existing = tmp_path / "scores.json"
