@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import rasterio
 
-from .errors import InputError, OutputError
+from .errors import InputError
 from .labels import IGNORE, ClassMap, Grid, Region, open_raster, row_blocks
 from .metrics import Metrics, confusion_matrix
 from .modelfile import ClassSpec
@@ -103,16 +103,12 @@ def check_figures_destination(
         OutputError: ``dst`` is one of the inputs (even with ``overwrite``), a folder, in a
             missing folder, or exists without ``overwrite``.
     """
+    from .io import check_writable
     from .modelfile import check_not_an_input
 
     dst = Path(dst)
     check_not_an_input(dst, inputs, option="--json")
-    if not dst.parent.is_dir():
-        raise OutputError(f"{dst}: folder {dst.parent} does not exist")
-    if dst.is_dir():
-        raise OutputError(f"{dst}: is a folder; give a file name")
-    if dst.exists() and not overwrite:
-        raise OutputError(f"{dst}: already exists (use --overwrite to replace it)")
+    check_writable(dst, overwrite)
     return dst
 
 

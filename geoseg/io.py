@@ -489,13 +489,22 @@ def check_destination(src: str, dst: str | os.PathLike[str], overwrite: bool) ->
         raise OutputError(f"{dst}: destination is the input scene; choose another file")
     if os.path.abspath(src) == os.path.abspath(dst_path):
         raise OutputError(f"{dst}: destination is the input scene; choose another file")
-    if not dst_path.parent.is_dir():
-        raise OutputError(f"{dst}: folder {dst_path.parent} does not exist")
-    if dst_path.is_dir():
-        raise OutputError(f"{dst}: is a folder; give a file name")
-    if dst_path.exists() and not overwrite:
-        raise OutputError(f"{dst}: already exists (use --overwrite to replace it)")
+    check_writable(dst_path, overwrite)
     return dst_path
+
+
+def check_writable(dst: Path, overwrite: bool) -> None:
+    """Refuse a file destination in a missing folder, a folder, or an existing file without ``overwrite``.
+
+    Raises:
+        OutputError: Naming ``dst`` and the problem.
+    """
+    if not dst.parent.is_dir():
+        raise OutputError(f"{dst}: folder {dst.parent} does not exist")
+    if dst.is_dir():
+        raise OutputError(f"{dst}: is a folder; give a file name")
+    if dst.exists() and not overwrite:
+        raise OutputError(f"{dst}: already exists (use --overwrite to replace it)")
 
 
 def temporary_path(dst: Path, suffix: str = "") -> Path:
