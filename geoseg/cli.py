@@ -233,6 +233,18 @@ def _band_list(ctx: click.Context, param: click.Parameter, value: str | None) ->
         raise click.BadParameter(str(err)) from None
 
 
+def _opset_torch_writes(ctx: click.Context, param: click.Parameter, value: int) -> int:
+    """``--opset`` no higher than the installed torch exports (past it torch dumps its graph, then fails)."""
+    from .onnx_export import highest_opset
+
+    highest = highest_opset()
+    if highest is not None and value > highest:
+        import torch
+
+        raise click.BadParameter(f"{value}: torch {torch.__version__} exports opsets up to {highest}")
+    return value
+
+
 def _valid_alone(settings: dict[str, Any]) -> bool:
     """Whether config-file settings make a valid PredictConfig without any flag."""
     from .config import build_config
@@ -689,7 +701,8 @@ def import_weights(src: str, out: str, bands: str, source_bands: str | None, cla
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.argument("out", type=click.Path(dir_okay=False))
-@click.option("--opset", type=click.IntRange(min=17), default=18, show_default=True, help="ONNX opset.")
+@click.option("--opset", type=click.IntRange(min=17), default=18, show_default=True,
+              callback=_opset_torch_writes, help="ONNX opset.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @_verbosity_options
 def export(model: str, out: str, opset: int, overwrite: bool, verbose: int, quiet: bool) -> None:

@@ -119,16 +119,24 @@ def export_onnx(
     return out
 
 
+def highest_opset() -> int | None:
+    """The highest ONNX opset the installed torch exports (``None``: it does not say)."""
+    return getattr(getattr(torch.onnx, "_constants", None), "ONNX_MAX_OPSET", None)
+
+
 def _export(*args: Any, opset_version: int, **kwargs: Any) -> None:
     """``torch.onnx.export``, with an opset this torch cannot write as a one-line error."""
+    highest = highest_opset()
+    if highest is not None and opset_version > highest:  # checked first: torch dumps its graph, then fails
+        raise ConfigError(
+            f"--opset {opset_version}: torch {torch.__version__} exports opsets up to {highest}"
+        )
     try:
         torch.onnx.export(*args, opset_version=opset_version, **kwargs)
     except RuntimeError as err:
         if "opset" not in str(err).lower():
             raise
-        highest = getattr(getattr(torch.onnx, "_constants", None), "ONNX_MAX_OPSET", None)
-        most = f"up to {highest}" if highest else "lower opsets"
-        raise ConfigError(f"--opset {opset_version}: torch {torch.__version__} exports {most}") from err
+        raise ConfigError(f"--opset {opset_version}: torch {torch.__version__} cannot export it") from err
 
 
 class OnnxSegmenter(torch.nn.Module):

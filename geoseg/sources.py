@@ -260,6 +260,8 @@ class _BandFile:
     width: int
     height: int
     block_shape: tuple[int, int]  # (rows, cols) of the first band's blocks
+    scales: tuple[float, ...] = ()  # GDAL's band Scale and Offset: physical = stored * scale + offset
+    offsets: tuple[float, ...] = ()
 
     @property
     def res(self) -> tuple[float, float]:
@@ -355,6 +357,8 @@ def _read_header(src: str, label: str) -> _BandFile:
                 width=ds.width,
                 height=ds.height,
                 block_shape=tuple(ds.block_shapes[0]),
+                scales=tuple(float(s) for s in ds.scales),
+                offsets=tuple(float(o) for o in ds.offsets),
             )
     except RasterioIOError as err:
         what = "cannot open" if is_remote(path) else "not a raster GDAL can read"  # remote: often HTTP
@@ -421,6 +425,10 @@ def _vrt_band(
     tag = "ComplexSource" if resample else "SimpleSource"
     attrs = f' resampling="{resample}"' if resample else ""
     nodata_xml = f"<NoDataValue>{_number(nodata)}</NoDataValue>" if nodata is not None else ""
+    scale = (f.scales or (1.0,) * f.count)[source_band - 1]
+    offset = (f.offsets or (0.0,) * f.count)[source_band - 1]
+    if (scale, offset) != (1.0, 0.0):  # the file's own, kept for open_scene (as a single file's are)
+        nodata_xml += f"<Offset>{_number(offset)}</Offset><Scale>{_number(scale)}</Scale>"
     source_nodata = f"<NODATA>{_number(nodata)}</NODATA>" if resample and nodata is not None else ""
     # NOTE: SourceProperties lets GDAL open the source only when a window first needs it.
     return (

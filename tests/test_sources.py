@@ -686,17 +686,22 @@ def landsat_scaling_models(make_model_file, method: str) -> tuple[Any, Any]:
 
 
 @pytest.mark.parametrize("method", ["scale", "meanstd"])
+@pytest.mark.parametrize(
+    "files", [["scene.tif"], [f"{band}.tif" for band in BANDS]], ids=["one file", "band files"]
+)
 def test_a_files_own_scale_and_offset_are_those_of_an_item(
-    tmp_path: Path, archive: Path, make_model_file, method: str
+    tmp_path: Path, archive: Path, make_model_file, method: str, files: list[str]
 ) -> None:
     """The same values stored the GDAL way (band Scale and Offset) act as a STAC Item's do."""
-    scaled = tmp_path / "scaled.tif"
-    shutil.copy(archive / "scene.tif", scaled)
-    with rasterio.open(scaled, "r+", IGNORE_COG_LAYOUT_BREAK="YES") as ds:
-        ds.scales, ds.offsets = (2.75e-5,) * 4, (-0.2,) * 4
+    scaled = []
+    for name in files:
+        shutil.copy(archive / name, tmp_path / name)
+        with rasterio.open(tmp_path / name, "r+", IGNORE_COG_LAYOUT_BREAK="YES") as ds:
+            ds.scales, ds.offsets = (2.75e-5,) * ds.count, (-0.2,) * ds.count
+        scaled.append(str(tmp_path / name))
     model, expected = landsat_scaling_models(make_model_file, method)
     predict(archive / "scene.tif", tmp_path / "expected.tif", expected)
-    predict(scaled, tmp_path / "scaled_out.tif", model)
+    predict(scaled if len(scaled) > 1 else scaled[0], tmp_path / "scaled_out.tif", model)
     assert_same_output(tmp_path / "expected.tif", tmp_path / "scaled_out.tif")
 
 
