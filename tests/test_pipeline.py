@@ -877,7 +877,10 @@ def test_built_in_defaults_when_the_model_suggests_nothing(
 
 def test_config_tile_too_small_for_the_model_overlap(make_scene, tiny_loaded_model, tmp_path: Path) -> None:
     src = make_scene(width=300, height=150)
-    with pytest.raises(ConfigError, match="overlap 16 must be less than half the tile 32"):
+    # the message says which value came from where: the one given, or the model's suggestion
+    name = tiny_loaded_model.metadata.name
+    message = rf"overlap 16 \(suggested by model {name}\) must be less than half the tile 32 \(given\)"
+    with pytest.raises(ConfigError, match=message):
         run(src, tmp_path / "out.tif", tiny_loaded_model, tile=32)
 
 
