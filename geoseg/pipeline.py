@@ -260,8 +260,8 @@ def plan_grid(scene: Scene, meta: ModelMetadata, config: PredictConfig) -> TileG
     if overlap_px * 2 >= tile_px:
         # which of the two to change: a flag or --config value, or the model's suggestion
         whose = {True: "given", False: f"suggested by model {meta.name}"}
-        raise ConfigError(f"overlap {overlap_px} ({whose[config.overlap is not None]}) must be less than half "
-                          f"the tile {tile_px} ({whose[config.tile is not None]})")
+        raise ConfigError(f"overlap {overlap_px} ({whose[config.overlap is not None]}) must be less than "
+                          f"half the tile {tile_px} ({whose[config.tile is not None]})")
     small_tile_px = -(-max(scene.height, scene.width) // 32) * 32
     if small_tile_px < tile_px:
         return TileGrid(scene.height, scene.width, small_tile_px, 0)
