@@ -454,11 +454,9 @@ def valid_pixels(
         valid = np.ones(raw.shape[1:], bool)
     values = [v for v in scene.band_nodata if not np.isnan(v)]
     if len(values) == len(scene.band_nodata) == raw.shape[0] and values:  # NaN: the check below
-        if len(set(values)) == 1:
-            valid &= ~np.all(raw == _as_pixel_value(values[0], raw.dtype), axis=0)
-        else:  # each band against its own value
-            nodata = np.array([_as_pixel_value(v, raw.dtype) for v in values])
-            valid &= ~np.all(raw == nodata.reshape(-1, 1, 1), axis=0)
+        # each band against its own value (a band stack's files may differ)
+        nodata = np.array([_as_pixel_value(v, raw.dtype) for v in values]).reshape(-1, 1, 1)
+        valid &= ~np.all(raw == nodata, axis=0)
     if raw.dtype.kind == "f":
         valid &= ~np.any(np.isnan(raw), axis=0)
     return valid

@@ -161,9 +161,10 @@ def predict_scene(
                           "choose another with --output-nodata (output_nodata: in a --config file)")
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
-    with rasterio.Env(**gdal_options(remote=_names_remote(src))):
+    with rasterio.Env(**gdal_options()):
+        # band files and STAC assets are opened here with the folder listing off where remote
         source = resolve_source(src, model.metadata, resample=resample, assets=assets)
-        if any(is_remote(path) for path in source.files):  # a local STAC Item's remote assets
+        if any(is_remote(path) for path in source.files):
             rasterio.env.setenv(**gdal_options(remote=True))
         scene = open_scene(source.path, model.metadata, config.bands, config.nodata, name=source.name)
         for path in source.files:
@@ -300,12 +301,6 @@ def gdal_options(remote: bool = False) -> dict[str, Any]:
     if remote:
         defaults |= NO_LISTING
     return {key: value for key, value in defaults.items() if key not in os.environ}
-
-
-def _names_remote(src: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> bool:
-    """Whether SRC as given (a path, a comma-separated list, a sequence) names a remote file."""
-    parts = [src] if isinstance(src, (str, os.PathLike)) else list(src)
-    return any(is_remote(os.fspath(part)) for part in parts)
 
 
 def block_cache_bytes(
