@@ -525,7 +525,15 @@ class TiledRasterWriter:
     BLOCK_PX = 256
     needs_probabilities = False  # a RowSink (geoseg.stream) that only needs the classes
 
-    def __init__(self, dst: Path, profile: dict[str, Any], *, masked: bool = False, cog: CogOptions | None = None):
+    def __init__(
+        self,
+        dst: Path,
+        profile: dict[str, Any],
+        *,
+        masked: bool = False,
+        cog: CogOptions | None = None,
+        overwrite: bool = False,
+    ):
         """Create the temporary file.
 
         Args:
@@ -534,14 +542,14 @@ class TiledRasterWriter:
                 tiling, block size and BigTIFF are set here.
             masked: Write the validity given to :meth:`write_rows` as an internal mask.
             cog: Rewrite the finished file as a COG with these options.
+            overwrite: Replace whatever is at ``dst`` on commit; without it, a ``dst`` that appears
+                meanwhile (another job's) is left alone and the commit refused (see :func:`publish`).
 
         Raises:
             OutputError: The temporary file cannot be created.
         """
         self.dst = Path(dst)
-        # The destination checks passed: a DST there now is one to replace (--overwrite); one that
-        # appears later, from another job, is not (see publish).
-        self._replaces = self.dst.exists()
+        self._replaces = overwrite
         self.tmp = temporary_path(self.dst)
         self.height = int(profile["height"])
         self.masked = masked
@@ -744,13 +752,14 @@ class LabelWriter(TiledRasterWriter):
         tags: dict[str, str],
         *,
         cog: bool = False,
+        overwrite: bool = False,
     ):
         self.classes = tuple(classes)
         self.dtype = output_dtype(classes, output_nodata)
         profile = scene_profile(scene) | {"count": 1, "dtype": self.dtype, "nodata": output_nodata}
         if compress != "none":
             profile["compress"] = compress
-        super().__init__(dst, profile, cog=CogOptions("mode", compress) if cog else None)
+        super().__init__(dst, profile, cog=CogOptions("mode", compress) if cog else None, overwrite=overwrite)
         self._dst.write_colormap(1, {c.id: c.rgba for c in self.classes} | {output_nodata: (0, 0, 0, 0)})
         self._dst.set_band_description(1, "land cover class")
         class_tags = {f"CLASS_{c.id}": c.name for c in self.classes}

@@ -213,10 +213,10 @@ def predict_scene(
             kernels = dataclasses.asdict(config.crf.params())
             tags["GEOSEG_CRF"] = ", ".join(f"{key}={value}" for key, value in kernels.items())
         stages = build_stages(scene, model.metadata, config)
-        sinks = build_sinks(scene, model.metadata, config, outputs, tags)
+        sinks = build_sinks(scene, model.metadata, config, outputs, tags, overwrite)
         try:
             predicted = _run(scene, grid, model, predictor, config, dst_path, tags, progress, stages, sinks, aoi,
-                             readers)
+                             readers, overwrite)
         except BaseException:
             fallback = _Outputs(stages, sinks)  # also when the class raster could not even be created
             fallback.close()
@@ -361,6 +361,7 @@ def build_sinks(
     config: PredictConfig,
     outputs: OutputOptions,
     tags: Mapping[str, str] | None = None,
+    overwrite: bool = False,
 ) -> list[RowSink]:
     """Outputs besides the class raster that consume the finished rows (probabilities, statistics).
 
@@ -374,10 +375,11 @@ def build_sinks(
     try:
         if outputs.probabilities is not None:
             sinks.append(ProbabilityWriter(outputs.probabilities, scene, meta.classes, outputs.probabilities_dtype,
-                                           config.compress, tags, cog=config.cog))
+                                           config.compress, tags, cog=config.cog, overwrite=overwrite))
         if outputs.confidence is not None:
             sinks.append(ConfidenceWriter(outputs.confidence, scene, meta.classes,
-                                          outputs.probabilities_dtype, config.compress, tags, cog=config.cog))
+                                          outputs.probabilities_dtype, config.compress, tags, cog=config.cog,
+                                          overwrite=overwrite))
         if outputs.stats is not None:
             info = {"scene": scene.label, "model": meta.name, "aoi": aoi_label(outputs.aoi)}
             sinks.append(StatsWriter(outputs.stats, meta.classes, scene.transform, scene.crs, info))
@@ -453,6 +455,7 @@ def _run(
     sinks: Sequence[RowSink] = (),
     aoi: AreaOfInterest | None = None,
     readers: int = 1,
+    overwrite: bool = False,
 ) -> int:
     """Drive readers, network and writer for one scene; returns the number of tiles predicted.
 
@@ -479,7 +482,8 @@ def _run(
     rows_out: queue.Queue[Any] = queue.Queue(maxsize=4)
     multiplier, bias = meta.normalization.multiplier_and_bias()
 
-    writer = LabelWriter(dst, scene, meta.classes, config.output_nodata, config.compress, tags, cog=config.cog)
+    writer = LabelWriter(dst, scene, meta.classes, config.output_nodata, config.compress, tags,
+                         cog=config.cog, overwrite=overwrite)
     outputs = _Outputs(stages, [writer, *sinks])
     blending = _Blending(blender, class_ids, config.output_nodata, with_probabilities)
     reading = [

@@ -79,13 +79,15 @@ class ProbabilityWriter(TiledRasterWriter):
         tags: Mapping[str, str],
         *,
         cog: bool = False,
+        overwrite: bool = False,
     ):
         self.encoding = dtype
         self.classes = tuple(classes)
         profile = _probability_profile(scene, len(self.classes), dtype, compress)
         if dtype == "float32":
             profile["nodata"] = float("nan")
-        super().__init__(dst, profile, masked=dtype == "uint8", cog=CogOptions("average", compress) if cog else None)
+        cog_options = CogOptions("average", compress) if cog else None
+        super().__init__(dst, profile, masked=dtype == "uint8", cog=cog_options, overwrite=overwrite)
         for band, spec in enumerate(self.classes, start=1):
             self._dst.set_band_description(band, spec.name)
             self._dst.update_tags(band, CLASS_ID=str(spec.id), CLASS_NAME=spec.name)
@@ -121,6 +123,7 @@ class ConfidenceWriter(TiledRasterWriter):
         tags: Mapping[str, str],
         *,
         cog: bool = False,
+        overwrite: bool = False,
     ):
         self.encoding = dtype
         ids = np.array([c.id for c in classes])
@@ -128,7 +131,8 @@ class ConfidenceWriter(TiledRasterWriter):
         self._index_of[ids] = np.arange(len(ids))
         profile = _probability_profile(scene, 1, dtype, compress)
         profile["nodata"] = float("nan") if dtype == "float32" else CONFIDENCE_UINT8_NODATA
-        super().__init__(dst, profile, cog=CogOptions("average", compress) if cog else None)
+        cog_options = CogOptions("average", compress) if cog else None
+        super().__init__(dst, profile, cog=cog_options, overwrite=overwrite)
         self._dst.set_band_description(1, "confidence (top-class probability)")
         if dtype == "uint8":
             self._dst.scales = (1 / UINT8_SCALE,)

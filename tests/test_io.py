@@ -502,7 +502,7 @@ def test_a_destination_there_from_the_start_is_replaced(tmp_path: Path, make_sce
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "labels.tif").write_bytes(b"old")
     (tmp_path / "out" / "labels.tif.aux.xml").write_text("<PAMDataset/>")
-    scene, dst, writer = writer_for(tmp_path, make_scene, tiny_metadata, height=20, width=20)
+    scene, dst, writer = writer_for(tmp_path, make_scene, tiny_metadata, height=20, width=20, overwrite=True)
     with writer:
         writer.write_rows(0, np.ones((20, 20), np.uint8))
         writer.commit()
