@@ -8,11 +8,15 @@ on a small scene) once per setting, and meanwhile samples every thread's CPU tim
     python bench/bench_threads.py --scene-px 8192 --settings 4x4,4x4r2,4x3,2x8
     python bench/bench_threads.py --model-only 5      # and the network alone at each setting
     python bench/bench_threads.py --tiny              # a nearly free network: the engine's own cost
+    python bench/bench_threads.py --device cuda --precision bf16 --settings r8b32,r1b32   # on a GPU
 
 A setting is ``PxT`` (P batches at once, T torch threads each), optionally ``rR`` (R reader
 threads), ``bB`` (batch size B), ``qQ`` (Q batches read ahead) and ``t`` or ``e`` (the network
 traced or eager; else as ``predict_scene`` decides); ``default`` is what ``geoseg predict`` picks
 on this machine. The network alone (``--model-only``) runs traced where ``predict_scene`` did.
+On a GPU (``--device cuda``) batches run one at a time, so a setting there is ``rR``, ``bB`` and
+``qQ`` alone (``r8b32``), and "waiting for the network" is the calling thread's time in launching
+batches and waiting for their results.
 
 Roles: the calling thread (hands batches to the network, blends, takes the argmax); readers;
 the writer; the network pool's threads (each runs one batch at a time, and is also the master of
@@ -45,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_predict import model_only_tiles_per_s  # noqa: E402
 from scenes import OUT, build_mosaic  # noqa: E402
 
+import geoseg.io  # noqa: E402
 from geoseg import pipeline  # noqa: E402
 from geoseg._malloc import loaded_allocator, reuse_freed_memory  # noqa: E402
 from geoseg.config import PredictConfig  # noqa: E402
@@ -180,11 +185,13 @@ def parse_setting(text: str, threads: int) -> dict[str, Any]:
     """``4x4r2b4q2t`` -> parallel batches, torch threads in all, readers, batch, prefetch, trace."""
     if text == "default":
         return {"parallel_batches": default_parallel_batches(), "threads": threads}
-    match = re.fullmatch(r"(\d+)x(\d+)(?:r(\d+))?(?:b(\d+))?(?:q(\d+))?([te]?)", text)
-    if not match:
-        raise SystemExit(f"setting {text!r}: expected PxT[rR][bB][qQ][t|e], e.g. 4x4 or 4x4r2b8t")
+    match = re.fullmatch(r"(?:(\d+)x(\d+))?(?:r(\d+))?(?:b(\d+))?(?:q(\d+))?([te]?)", text)
+    if not match or not text:
+        raise SystemExit(f"setting {text!r}: expected [PxT][rR][bB][qQ][t|e], e.g. 4x4, 4x4r2b8t or r8b32")
     parallel, each, readers, batch, prefetch, trace = match.groups()
-    setting: dict[str, Any] = {"parallel_batches": int(parallel), "threads": int(parallel) * int(each)}
+    setting: dict[str, Any] = {"threads": threads}
+    if parallel:
+        setting |= {"parallel_batches": int(parallel), "threads": int(parallel) * int(each)}
     if trace:
         setting["trace"] = trace == "t"
     if readers:
@@ -219,11 +226,20 @@ def main() -> None:
     parser.add_argument("--settings", default="default", help="comma-separated PxT[rR][bB][qQ] or 'default'")
     parser.add_argument("--repeat", type=int, default=1, help="runs of each setting")
     parser.add_argument("--switch-ms", type=float, help="sys.setswitchinterval, in ms [Python's 5]")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] [cpu]")
+    parser.add_argument("--precision", default="fp32", help="fp32, bf16 or fp16 [fp32]")
+    parser.add_argument("--creation-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="a GDAL creation option for the outputs, e.g. ZLEVEL=1: what the writer costs")
     parser.add_argument("--model-only", type=float, default=0.0, metavar="SECONDS",
                         help="also time the network alone at each setting for this long (0: no)")
     args = parser.parse_args()
 
     reuse_freed_memory(children=False)  # as the CLI does on glibc's malloc
+    if args.creation_option:  # every writer's profile comes from io.scene_profile
+        extra = dict(option.split("=", 1) for option in args.creation_option)
+        profile = geoseg.io.scene_profile
+        geoseg.io.scene_profile = lambda scene: profile(scene) | extra
+        print(f"creation options added: {extra}")
     if args.switch_ms:
         sys.setswitchinterval(args.switch_ms / 1000)
     model = load_model(args.model or pipeline.default_model_path())
@@ -236,10 +252,14 @@ def main() -> None:
     print(f"{os.cpu_count()} cores, torch {torch.__version__} ({all_threads} threads), "
           f"malloc {loaded_allocator()}; model {model.metadata.name}"
           f"{' (tiny network)' if args.tiny else ''}; scene {scene.name}")
-    pipeline.predict_scene(warmup, out, PredictConfig(device="cpu"), overwrite=True, model=model)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        print(f"GPU: {torch.cuda.get_device_name(device)}, {args.precision}")
+    warm_config = PredictConfig(device=args.device, precision=args.precision)
+    pipeline.predict_scene(warmup, out, warm_config, overwrite=True, model=model)
     for text in args.settings.split(","):
         setting = parse_setting(text, all_threads)
-        config = PredictConfig(device="cpu", precision="fp32", **setting)
+        config = PredictConfig(device=args.device, precision=args.precision, **setting)
         for _ in range(args.repeat):
             waits = Waits()
             with waits.installed(), ThreadClock() as clock:
@@ -252,8 +272,8 @@ def main() -> None:
             # The network alone at the same setting, on random tiles in memory (bench_predict's (a)).
             torch.set_num_threads(setting["threads"])
             tiles_per_s = model_only_tiles_per_s(
-                network, result.tile_px, config.batch_size, torch.device("cpu"), "fp32", args.model_only,
-                setting["parallel_batches"],
+                network, result.tile_px, config.batch_size, device, args.precision, args.model_only,
+                setting.get("parallel_batches", 1) if device.type == "cpu" else 1,
             )
             torch.set_num_threads(all_threads)
             model_mps = tiles_per_s * result.width * result.height / result.tiles_total / 1e6
