@@ -17,16 +17,11 @@ The finished rows of a tile row come out together, in order.
 
 The same algorithm runs on numpy arrays (the CPU path) or on torch tensors on a GPU
 (``device=``): there the logits never leave the GPU; only the finished rows' class indexes and
-validity (and logit sums, if kept) are copied back, once per tile row. Nothing here waits for
-the GPU: tile validity goes up from pinned memory, finished rows come back into pinned memory
-without blocking, and a tile row is handed out once its copy has landed (a later ``add``, or
-``finish``). A blocking copy would wait for the network's next batch, already queued on the
-same stream, and the GPU would idle while this thread blends.
+validity (and logit sums, if kept) are copied back, once per tile row.
 """
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,12 +30,6 @@ import numpy as np
 import numpy.typing as npt
 
 from .tiling import Tile, TileGrid, taper_1d, taper_2d
-
-#: Tile rows a GPU blender lets be copied to the host at once before it waits for the oldest.
-MAX_ROWS_IN_FLIGHT = 2
-#: The largest row buffer a blender on a device takes by default (``K x tile x width`` float32):
-#: 8 classes, 256 px tiles and a scene 40,000 px wide take 328 MB; past this, the carries.
-ROW_BUFFER_MAX_BYTES = 2 << 30
 
 
 def weight_sum_1d(starts: Sequence[int], tile_px: int, floor: float, length_px: int, lo: int, hi: int) -> npt.NDArray[np.float32]:
@@ -102,8 +91,8 @@ class _HostArrays:
     def argmax(self, scores: Any) -> Any:
         return argmax_classes(scores)
 
-    def to_host(self, *arrays: Any) -> tuple[list[Any], Any]:
-        return list(arrays), None
+    def to_host(self, array: Any, dtype: Any = None) -> Any:
+        return array
 
 
 class _DeviceArrays:
@@ -125,12 +114,7 @@ class _DeviceArrays:
         return self.torch.zeros(shape, dtype=dtype, device=self.device)
 
     def constant(self, array: npt.NDArray[Any]) -> Any:
-        host = self.torch.from_numpy(np.ascontiguousarray(array))
-        if self.device.type != "cuda":
-            return host.to(self.device)
-        # NOTE: from pageable memory torch waits for all work queued on the stream (the network's
-        # next batch) before it copies; from pinned memory the copy just joins the queue.
-        return host.pin_memory().to(self.device, non_blocking=True)
+        return self.torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
 
     def copy(self, array: Any) -> Any:
         return array.clone()
@@ -139,20 +123,9 @@ class _DeviceArrays:
         # torch.argmax returns the first maximal index on ties, as numpy (and argmax_classes) do.
         return self.torch.argmax(scores, dim=0)
 
-    def to_host(self, *arrays: Any) -> tuple[list[npt.NDArray[Any]], Any]:
-        """Host copies of ``arrays``, started: the numpy arrays they land in, and a CUDA event that
-        completes when they have landed (``None``: already there).
-        """
-        if self.device.type != "cuda":
-            return [array.cpu().numpy() for array in arrays], None
-        hosts = []
-        for array in arrays:
-            host = self.torch.empty(array.shape, dtype=array.dtype, pin_memory=True)
-            host.copy_(array, non_blocking=True)
-            hosts.append(host.numpy())  # the array keeps the pinned tensor alive
-        landed = self.torch.cuda.Event()
-        landed.record()
-        return hosts, landed
+    def to_host(self, array: Any, dtype: Any = None) -> Any:
+        host = array.cpu().numpy()
+        return host if dtype is None else host.astype(dtype, copy=False)
 
 
 @dataclass
@@ -214,12 +187,6 @@ class TileBlender:
         device: ``None``: numpy arrays in host memory. A torch device (``"cuda:0"``): logits
             and validity are given as tensors on it, the state lives there, and finished rows are
             handed out as numpy arrays all the same.
-        row_buffer: Blend each tile row into a buffer a tile tall and the scene wide, instead of
-            the carries (the same sums, bit for bit). Costs ``K`` float32 values per pixel of a
-            tile row, but two operations a tile instead of about fifteen; each is a kernel
-            launch on a GPU, paid in Python by the calling thread, which was what held the GPU
-            path back. ``None``: on a ``device``, when the buffer takes at most
-            ``ROW_BUFFER_MAX_BYTES``; never on the host, whose memory the carries keep flat.
     """
 
     def __init__(
@@ -229,7 +196,6 @@ class TileBlender:
         taper_floor: float,
         keep_logits: bool = False,
         device: Any = None,
-        row_buffer: bool | None = None,
     ):
         self._xp = _HostArrays() if device is None else _DeviceArrays(device)
         self.grid = grid
@@ -245,19 +211,11 @@ class TileBlender:
         # one buffer as tall as the largest overlap between tile rows. A tile row reads its
         # incoming rows and writes its outgoing ones in place: tile c writes only columns left
         # of the next tile, which it (or an earlier tile) has already read.
-        # With a row buffer, the carry is the buffer itself: its top rows hold what the tile row
-        # above left.
         shared = max([y + grid.tile_px - below for y, below in zip(self._rows, self._rows[1:])], default=0)
-        tall = min(grid.tile_px, grid.height)
-        if row_buffer is None:
-            row_buffer = device is not None and num_classes * tall * grid.width * 4 <= ROW_BUFFER_MAX_BYTES
-        self.row_buffer = row_buffer
-        self._carry = self._xp.zeros((num_classes, tall if row_buffer else shared, grid.width), "float")
-        self._carry_valid = self._xp.zeros((tall if row_buffer else shared, grid.width), "bool")
+        self._carry = self._xp.zeros((num_classes, shared, grid.width), "float")
+        self._carry_valid = self._xp.zeros((shared, grid.width), "bool")
         self._carry_in = 0  # rows of the buffer that hold what earlier tile rows left for this one
         self._peak_nbytes = 0
-        # Finished tile rows whose copies to the host may not have landed yet, oldest first.
-        self._in_flight: deque[tuple[FinishedRows, Any]] = deque()
 
     @property
     def nbytes(self) -> int:
@@ -271,8 +229,7 @@ class TileBlender:
 
     def on_device(self, host: Any) -> Any:
         """``host`` (arrays, or a sequence of same-shaped arrays) where :meth:`add` wants it: as it is
-        without a ``device``, else stacked into one tensor on the device.
-        """
+        without a ``device``, else stacked into one tensor on the device."""
         return self._xp.constant(host)
 
     def add(self, tile: Tile, logits: Any, valid: Any) -> list[FinishedRows]:
@@ -280,43 +237,25 @@ class TileBlender:
 
         numpy arrays, or tensors on the blender's ``device``.
 
-        Returns the rows finished by this tile or earlier ones, top to bottom, once they are on the
-        host: on a GPU, a tile row comes out at a later call once its copy has landed.
+        Returns the rows this tile (or tiles skipped before it) finished, top to bottom.
         """
         if tile.index < self._next:
             raise AssertionError(f"tile {tile.index} comes after tile {self._next - 1}: tiles must come in grid order")
-        self._skip_until(tile.index)
-        self._blend(tile.index, logits, valid)
-        return self._landed(wait=False)
+        finished = self._skip_until(tile.index)
+        finished += self._blend(tile.index, logits, valid)
+        return finished
 
     def finish(self) -> list[FinishedRows]:
-        """No more tiles: the rows still waiting (those of tiles never added, those being copied)."""
-        self._skip_until(len(self.grid))
-        return self._landed(wait=True)
+        """No more tiles: the rows still waiting (those of tiles never added)."""
+        return self._skip_until(len(self.grid))
 
-    def _skip_until(self, index: int) -> None:
+    def _skip_until(self, index: int) -> list[FinishedRows]:
+        finished: list[FinishedRows] = []
         while self._next < index:
-            self._blend(self._next, None, None)
+            finished += self._blend(self._next, None, None)
+        return finished
 
-    def _landed(self, wait: bool) -> list[FinishedRows]:
-        """Finished tile rows now on the host, oldest first; with ``wait``, all of them.
-
-        More than ``MAX_ROWS_IN_FLIGHT`` tile rows being copied: the oldest is waited for, so the
-        pinned buffers they land in stay few.
-        """
-        out = []
-        while self._in_flight:
-            band, landed = self._in_flight[0]
-            if landed is not None:
-                if not (wait or len(self._in_flight) > MAX_ROWS_IN_FLIGHT or landed.query()):
-                    break
-                landed.synchronize()
-            self._in_flight.popleft()
-            band.labels = band.labels.astype(index_dtype(self.num_classes), copy=False)  # int32 on a GPU
-            out.append(band)
-        return out
-
-    def _blend(self, index: int, logits: Any, valid: Any) -> None:
+    def _blend(self, index: int, logits: Any, valid: Any) -> list[FinishedRows]:
         xp, grid, rows, cols = self._xp, self.grid, self._rows, self._cols
         r, c = divmod(index, len(cols))
         y, x = rows[r], cols[c]
@@ -324,20 +263,14 @@ class TileBlender:
         # Rows above the next tile row and columns left of the next tile column are final now.
         done_h = (rows[r + 1] if r + 1 < len(rows) else grid.height) - y
         done_w = (cols[c + 1] if c + 1 < len(cols) else grid.width) - x
-        if logits is not None and (
-            tuple(logits.shape) != (self.num_classes, h, w) or valid is None or tuple(valid.shape) != (h, w)
-        ):
-            raise AssertionError(f"tile {index} at ({y}, {x}) needs ({self.num_classes}, {h}, {w}) logits")
-        self._next = index + 1
-        if self.row_buffer:
-            self._blend_into_row(x, h, w, done_h, c + 1 == len(cols), logits, valid, y)
-            return
         if c == 0:
             self._start_tile_row(done_h, h)
         if logits is None:
             window = xp.zeros((self.num_classes, h, w), "float")
             window_valid = xp.zeros((h, w), "bool")
         else:
+            if tuple(logits.shape) != (self.num_classes, h, w) or valid is None or tuple(valid.shape) != (h, w):
+                raise AssertionError(f"tile {index} at ({y}, {x}) needs ({self.num_classes}, {h}, {w}) logits")
             window = logits * self._taper[:h, :w]
             window_valid = xp.copy(valid)
         # What earlier tiles of this row left on its left edge (the row carry already included) ...
@@ -358,51 +291,20 @@ class TileBlender:
         self._carry_valid[: h - done_h, x : x + done_w] = window_valid[done_h:, :done_w]
         self._col_carry = xp.copy(window[:, :, done_w:])
         self._col_carry_valid = xp.copy(window_valid[:, done_w:])
+        self._next = index + 1
         self._peak_nbytes = max(self._peak_nbytes, self._held_nbytes())
         if c + 1 < len(cols):
-            return
-        self._hand_out(y, done_h, self._labels, self._valid, self._sums)
-        self._carry_in = h - done_h
-
-    def _blend_into_row(
-        self, x: int, h: int, w: int, done_h: int, last_in_row: bool, logits: Any, valid: Any, y: int
-    ) -> None:
-        """:meth:`_blend` with a row buffer: add the tile in place; at the row's end, hand out its
-        finished rows and move the rest to the buffer's top for the next tile row.
-
-        The sums equal the carries' bit for bit: each pixel's terms are added in the same order,
-        tile row by tile row and left to right, and a float sum of two terms does not depend on
-        their order. A skipped tile adds nothing (the carries add zeros).
-        """
-        xp, total, total_valid = self._xp, self._carry, self._carry_valid
-        if logits is not None:
-            total[:, :h, x : x + w] += logits * self._taper[:h, :w]
-            total_valid[:h, x : x + w] |= valid
-        if not last_in_row:
-            return
-        labels = xp.labels((done_h, self.grid.width), self.num_classes)
-        labels[:] = xp.argmax(total[:, :done_h])
-        self._hand_out(y, done_h, labels, xp.copy(total_valid[:done_h]),
-                       xp.copy(total[:, :done_h]) if self.keep_logits else None)
-        self._peak_nbytes = max(self._peak_nbytes, total.nbytes + total_valid.nbytes)
-        carried = h - done_h  # the rows the next tile row shares with this one
-        total[:, :carried] = xp.copy(total[:, done_h:h])  # a copy: the last tile rows may overlap more
-        total_valid[:carried] = xp.copy(total_valid[done_h:h])
-        total[:, carried:] = 0
-        total_valid[carried:] = False
-
-    def _hand_out(self, y: int, done_h: int, labels: Any, valid: Any, sums: Any) -> None:
-        """Start copying a tile row's finished rows to the host; :meth:`_landed` hands them out."""
-        host, landed = self._xp.to_host(labels, valid, *([] if sums is None else [sums]))
+            return []
         band = FinishedRows(
             row=y,
-            labels=host[0],
-            valid=host[1],
-            sums=host[2] if sums is not None else None,
-            row_weights=weight_sum_1d(self._rows, self.grid.tile_px, self._floor, self.grid.height, y, y + done_h),
+            labels=xp.to_host(self._labels, index_dtype(self.num_classes)),
+            valid=xp.to_host(self._valid),
+            sums=None if self._sums is None else xp.to_host(self._sums),
+            row_weights=weight_sum_1d(rows, grid.tile_px, self._floor, grid.height, y, y + done_h),
             col_weights=self._col_weights,
         )
-        self._in_flight.append((band, landed))
+        self._carry_in = h - done_h
+        return [band]
 
     def _start_tile_row(self, done_h: int, h: int) -> None:
         """Fresh arrays for a tile row's finished rows (handed out, never reused) and an empty column carry."""

@@ -5,12 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-import pytest
 import torch
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import geoseg.blend
 from geoseg.blend import TileBlender, argmax_classes, weight_sum_1d
 from geoseg.tiling import Tile, TileGrid, taper_1d, taper_2d
 
@@ -227,14 +226,11 @@ def test_finished_rows_labels_follow_the_blended_logits() -> None:
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 
 
-def finished_rows_on(
-    device: str | None, grid: TileGrid, k: int, floor: float, keep: bool, seed: int, row_buffer: bool | None = None
-) -> list:
+def finished_rows_on(device: str | None, grid: TileGrid, k: int, floor: float, keep: bool, seed: int) -> list:
     """Every FinishedRows of a blender on ``device`` (None: numpy) fed the same seeded tiles, some skipped."""
     rng = np.random.default_rng(seed)
     valid = rng.random((grid.height, grid.width)) > 0.2
-    blender = TileBlender(grid, k, floor, keep_logits=keep, device=device, row_buffer=row_buffer)
-    assert blender.row_buffer == (device is not None if row_buffer is None else row_buffer)
+    blender = TileBlender(grid, k, floor, keep_logits=keep, device=device)
     out = []
     for tile in grid:
         h, w = min(tile.size, grid.height - tile.y), min(tile.size, grid.width - tile.x)
@@ -248,16 +244,14 @@ def finished_rows_on(
     return out + blender.finish()
 
 
-@pytest.mark.parametrize("device", [*DEVICES, None])
-@pytest.mark.parametrize("row_buffer", [True, False])
+@pytest.mark.parametrize("device", DEVICES)
 @settings(max_examples=40, deadline=None)
 @given(grids(max_side=120), floors, st.booleans(), st.integers(0, 2**31 - 1))
 def test_blender_on_torch_tensors_equals_the_numpy_blender(
-    device: str | None, row_buffer: bool, grid: TileGrid, floor: float, keep: bool, seed: int
+    device: str, grid: TileGrid, floor: float, keep: bool, seed: int
 ) -> None:
-    """Torch tensors (the GPU path) and a row buffer (its default there) give the numpy carries' sums exactly."""
-    expected = finished_rows_on(None, grid, 5, floor, keep, seed, row_buffer=False)
-    got = finished_rows_on(device, grid, 5, floor, keep, seed, row_buffer=row_buffer)
+    expected = finished_rows_on(None, grid, 5, floor, keep, seed)
+    got = finished_rows_on(device, grid, 5, floor, keep, seed)
     assert [f.row for f in got] == [f.row for f in expected]
     for a, b in zip(got, expected, strict=True):
         assert isinstance(a.labels, np.ndarray) and a.labels.dtype == b.labels.dtype == np.uint8
@@ -279,52 +273,3 @@ def test_blender_on_torch_tensors_past_256_classes(device: str) -> None:
         assert a.labels.dtype == np.uint16
         np.testing.assert_array_equal(a.labels, b.labels)
         assert len(np.unique(a.labels[a.valid])) > 100, "the check means something"
-
-
-def test_row_buffer_only_on_a_device_and_only_where_it_fits(monkeypatch) -> None:
-    grid = TileGrid(1000, 3000, 256, 32)
-    assert not TileBlender(grid, 8, 0.1).row_buffer  # the host keeps its memory flat with carries
-    assert TileBlender(grid, 8, 0.1, device="cpu").row_buffer
-    monkeypatch.setattr(geoseg.blend, "ROW_BUFFER_MAX_BYTES", 8 * 256 * 3000 * 4 - 1)
-    assert not TileBlender(grid, 8, 0.1, device="cpu").row_buffer
-
-
-class LateCopy:
-    """Stands in for a CUDA event (none exists without a GPU): lands after ``polls`` queries."""
-
-    def __init__(self, polls: int):
-        self.polls = polls
-        self.waited = False
-
-    def query(self) -> bool:
-        self.polls -= 1
-        return self.polls < 0
-
-    def synchronize(self) -> None:
-        self.waited = True
-
-
-def test_tile_rows_come_out_in_order_once_their_copies_land(monkeypatch) -> None:
-    grid = TileGrid(200, 40, 32, 8)  # 8 tile rows of 2 tiles
-    blender = TileBlender(grid, 3, 0.1, device="cpu")
-    copies: list[LateCopy] = []
-    to_host = blender._xp.to_host
-
-    def late_to_host(*arrays):
-        host, _ = to_host(*arrays)
-        copies.append(LateCopy(polls=3))
-        return host, copies[-1]
-
-    monkeypatch.setattr(blender._xp, "to_host", late_to_host)
-    rows_out = []
-    for tile in grid:
-        h, w = min(tile.size, grid.height - tile.y), min(tile.size, grid.width - tile.x)
-        finished = blender.add(tile, torch.ones(3, h, w), torch.ones(h, w, dtype=torch.bool))
-        rows_out += [f.row for f in finished]
-        in_flight = len(copies) - len(rows_out)
-        assert in_flight <= geoseg.blend.MAX_ROWS_IN_FLIGHT
-        if tile.index == 1:  # the first tile row is finished, its copy not yet landed: held back
-            assert rows_out == [] and len(copies) == 1
-    rows_out += [f.row for f in blender.finish()]
-    assert rows_out == grid.row_starts, "every tile row once, top to bottom"
-    assert all(copy.waited for copy in copies), "nothing handed out before its copy landed"
