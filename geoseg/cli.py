@@ -191,7 +191,7 @@ def _predict_options(f: Callable[..., Any]) -> Callable[..., Any]:
                      "[off]."),
         click.option("--trace/--no-trace", "trace", default=None,
                      help="CPU, fp32: run the network as a traced TorchScript graph, free of the GIL "
-                     "[with 4+ batches at once on a scene of 256+ tiles]."),
+                     "[with 2+ batches at once on a scene of 256+ tiles]."),
         click.option("--cog", "cog", is_flag=True, default=None,
                      help="Write Cloud-Optimized GeoTIFFs with overviews (mode resampling for classes) [off]."),
         click.option("--crf/--no-crf", "crf", default=None,

@@ -56,7 +56,7 @@ class PredictConfig:
             minute for B0 on a CPU; needs a C++ compiler). No effect on ONNX models.
         trace: On the CPU in fp32, run the network as a traced TorchScript graph, which frees
             the GIL between its operators (:class:`geoseg.inference.TracedNetwork`); ``None``: only
-            with 4 or more batches at once on a scene of 256 tiles or more.
+            with 2 or more batches at once on a scene of 256 tiles or more.
         crf: Refine the class map with a dense CRF (:mod:`geoseg.crf`); ``None``: no CRF.
         cog: Write the class raster (and probability or confidence rasters) as Cloud-Optimized
             GeoTIFFs with overviews (mode resampling for classes, average for probabilities).

@@ -126,17 +126,20 @@ def default_parallel_batches() -> int:
 #: per run on a 2-core AVX2 CPU (trace and freeze 0.7-0.9 s, then the graph's first, profiled
 #: runs), paid back only over many batches.
 TRACE_MIN_TILES = 256
-#: ... and only with this many network threads or more: it is the GIL they share that tracing frees.
-TRACE_MIN_PARALLEL_BATCHES = 4
+#: ... and only with this many network threads or more: on 2 cores (two batches of one thread) the
+#: traced graph measured 4-5 % faster on an AVX-512 EPYC and the same within the drift on an AVX2
+#: one; on 16 cores it is the GIL they share that tracing frees (docs/performance.md).
+TRACE_MIN_PARALLEL_BATCHES = 2
 
 
 def default_trace(parallel_batches: int, tiles: int) -> bool:
     """Whether the network runs traced (:class:`TracedNetwork`) when ``trace`` is not given.
 
     Yes when at least ``TRACE_MIN_PARALLEL_BATCHES`` batches run at once and the scene has at
-    least ``TRACE_MIN_TILES`` tiles. With few network threads the GIL is rarely contended: on
-    this project's 2 cores (two batches) traced and eager ran a 4096 px scene at the same speed
-    within the machine's drift, and tracing would only add its cost (docs/performance.md).
+    least ``TRACE_MIN_TILES`` tiles. On this project's 2 cores (two batches) with AVX-512,
+    ``geoseg predict`` on an 8192 px mosaic took 45.4 and 46.2 s traced against 48.0 and 47.7 s
+    eager, the tracing included; one batch on every thread is left eager (traced and eager
+    within the drift there).
     """
     return parallel_batches >= TRACE_MIN_PARALLEL_BATCHES and tiles >= TRACE_MIN_TILES
 

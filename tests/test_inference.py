@@ -260,10 +260,10 @@ def test_tracing_applies_only_to_the_cpu_in_fp32(tiny_loaded_model, compile_call
 
 @pytest.mark.parametrize(
     ("parallel", "tiles", "expected"),
-    [(4, TRACE_MIN_TILES, True), (8, 10_000, True), (4, TRACE_MIN_TILES - 1, False), (2, 10_000, False),
+    [(4, TRACE_MIN_TILES, True), (8, 10_000, True), (2, 10_000, True), (4, TRACE_MIN_TILES - 1, False),
      (1, 10_000, False)],
 )
-def test_by_default_only_many_network_threads_on_a_big_scene_trace(
+def test_by_default_only_parallel_network_threads_on_a_big_scene_trace(
     parallel: int, tiles: int, expected: bool, tiny_loaded_model, four_torch_threads
 ) -> None:
     assert default_trace(parallel, tiles) is expected
