@@ -168,6 +168,33 @@ def test_the_program_freezes_the_collector_before_it_exits(
     assert frozen > 1000
 
 
+@pytest.mark.parametrize("torch_loaded", [False, True])
+def test_importing_the_engine_skips_the_collector_and_freezes_only_a_fresh_import(
+    monkeypatch: pytest.MonkeyPatch, torch_loaded: bool
+) -> None:
+    """predict imports torch with the collector paused and then freezes what the import created;
+    in a process that has torch already (a caller's, this one) it leaves the collector alone."""
+    import gc
+
+    from geoseg import cli as cli_module
+
+    if not torch_loaded:
+        monkeypatch.delitem(sys.modules, "torch", raising=False)
+    gc.unfreeze()
+    try:
+        with cli_module._importing_the_library():
+            paused = not gc.isenabled()
+            created = [[index] for index in range(1000)]  # container objects the collector tracks
+        frozen = gc.get_freeze_count()
+        enabled_after = gc.isenabled()
+    finally:
+        gc.unfreeze()
+    assert len(created) == 1000
+    assert enabled_after
+    assert paused is not torch_loaded
+    assert (frozen >= 1000) is not torch_loaded
+
+
 # --- init-model and info ---------------------------------------------------------------------------------
 
 
