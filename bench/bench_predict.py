@@ -10,7 +10,7 @@ Prints figures; asserts nothing. Run from the repository root:
     converted to unique megapixels per second with the scene's own tile grid (each tile counts
     for height * width / tiles pixels, so overlap is taken out); at its fastest, one batch on
     every torch thread or (on the CPU) several batches at once as ``geoseg predict`` runs them,
-    and on the CPU in fp32 each of those eager and traced (TorchScript, as ``--trace`` runs it);
+    and on the CPU (fp32, bf16) each of those eager and traced (TorchScript, as ``--trace`` runs it);
 (b) end to end: ``geoseg predict`` in a subprocess on a real scene (mosaics of the shared Zion
     Landsat 8 scene, built by bench/scenes.py), wall clock including start-up (import, model
     load), so use a big scene (default 8192 px) for the ratio.
@@ -107,10 +107,12 @@ def model_only_tiles_per_s(
 
 
 def network_variants(model, device, precision: str) -> list:
-    """The ways ``geoseg predict`` may run the network: eager, and on the CPU in fp32 also traced
-    (geoseg.inference.TracedNetwork, traced once on its first batch and kept for every round)."""
-    if device.type == "cpu" and precision == "fp32":
-        return [model, dataclasses.replace(model, module=TracedNetwork(model.module))]
+    """The ways ``geoseg predict`` may run the network: eager, and on the CPU also traced
+    (geoseg.inference.TracedNetwork, traced once on its first batch and kept for every round;
+    in bf16 traced under autocast, as TilePredictor does)."""
+    if device.type == "cpu" and precision in ("fp32", "bf16"):
+        autocast_dtype = torch.bfloat16 if precision == "bf16" else None
+        return [model, dataclasses.replace(model, module=TracedNetwork(model.module, autocast_dtype))]
     return [model]
 
 

@@ -201,6 +201,40 @@ def test_parallel_first_batches_trace_once_per_tile_shape(
     assert set(predictor.module.graphs) == {(4, 64, 64), (4, 48, 48)}
 
 
+class HalfInFp32(torch.nn.Module):
+    """Two linear maps over the bands, the second held in fp32 under autocast (as SegFormer's decoder is)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.first = torch.nn.Conv2d(4, 16, 1)
+        self.second = torch.nn.Conv2d(16, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.first(x)
+        with torch.autocast(x.device.type, enabled=False):
+            return self.second(hidden.float())
+
+
+def test_a_bf16_graph_keeps_the_casts_it_was_traced_with_and_the_fp32_regions() -> None:
+    """Traced under autocast, the graph holds bf16 where autocast put it and fp32 where the module
+    turned autocast off; run under the predictor's autocast, those fp32 regions must not be cast."""
+    module = HalfInFp32().eval()
+    cpu = torch.device("cpu")
+    pixels = np.random.default_rng(3).normal(size=(2, 4, 32, 32)).astype(np.float32)
+    eager = TilePredictor(module, cpu, "bf16", 32, max_batch=2).predict(pixels)
+    predictor = TilePredictor(module, cpu, "bf16", 32, max_batch=2, trace=True)
+    traced = predictor.predict(pixels)
+    assert predictor.ran_traced
+    with torch.inference_mode():
+        fp32 = module(torch.from_numpy(pixels)).numpy()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            all_bf16 = module.second(module.first(torch.from_numpy(pixels))).float().numpy()
+    assert np.abs(eager - fp32).max() > 1e-4, "bf16 changed the first map's outputs"
+    np.testing.assert_allclose(traced, eager, rtol=0, atol=1e-5)  # the same casts as eager autocast
+    assert np.abs(traced - all_bf16).max() > 1e-3, "the fp32 region ran in fp32, not bf16"
+
+
 class UntraceableConv(torch.nn.Module):
     """A 1x1 convolution that refuses to be traced, as some architectures do."""
 
@@ -243,7 +277,7 @@ def test_the_result_says_whether_the_network_ran_traced(
     assert not predict_scene(scene, tmp_path / "c.tif", eager, model=tiny_loaded_model).traced
 
 
-def test_tracing_applies_only_to_the_cpu_in_fp32(tiny_loaded_model, compile_calls) -> None:
+def test_tracing_applies_only_to_torch_networks_on_the_cpu(tiny_loaded_model, compile_calls) -> None:
     cpu = torch.device("cpu")
 
     def traced(module: torch.nn.Module | None = None, precision: str = "fp32", **options) -> bool:
@@ -251,7 +285,7 @@ def test_tracing_applies_only_to_the_cpu_in_fp32(tiny_loaded_model, compile_call
         return TilePredictor(module, cpu, precision, 64, max_batch=1, trace=True, **options).traced
 
     assert traced()
-    assert not traced(precision="bf16")
+    assert traced(precision="bf16")
     assert not traced(compile=True)
     onnx_like = UntraceableConv()
     onnx_like.fixed_precision = "fp32"  # an ONNX runtime session: not a torch graph
