@@ -213,7 +213,7 @@ def _predict_options(f: Callable[..., Any]) -> Callable[..., Any]:
                      help="torch.compile the network (the first batch compiles, ~1 min for B0 on a CPU) "
                      "[off]."),
         click.option("--trace/--no-trace", "trace", default=None,
-                     help="CPU, fp32: run the network as a traced TorchScript graph, free of the GIL "
+                     help="CPU, fp32 or bf16: run the network as a traced TorchScript graph, free of the GIL "
                      "[with 2+ batches at once on a scene of 256+ tiles]."),
         click.option("--cog", "cog", is_flag=True, default=None,
                      help="Write Cloud-Optimized GeoTIFFs with overviews (mode resampling for classes) [off]."),

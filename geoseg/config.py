@@ -54,7 +54,7 @@ class PredictConfig:
             ``None``: 1 on the CPU, up to 8 (half the cores) beside a GPU.
         compile: Run the network through ``torch.compile`` (the first batch compiles, about a
             minute for B0 on a CPU; needs a C++ compiler). No effect on ONNX models.
-        trace: On the CPU in fp32, run the network as a traced TorchScript graph, which frees
+        trace: On the CPU (fp32, bf16), run the network as a traced TorchScript graph, which frees
             the GIL between its operators (:class:`geoseg.inference.TracedNetwork`); ``None``: only
             with 2 or more batches at once on a scene of 256 tiles or more.
         crf: Refine the class map with a dense CRF (:mod:`geoseg.crf`); ``None``: no CRF.

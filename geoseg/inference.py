@@ -201,8 +201,10 @@ class TracedNetwork(torch.nn.Module):
         example = torch.zeros(x.shape, dtype=x.dtype, device=x.device)
         try:
             # NOTE: inference tensors cannot be traced; the example is a plain tensor.
-            autocast = torch.autocast(
-                x.device.type, dtype=self.autocast_dtype or torch.bfloat16, enabled=self.autocast_dtype is not None
+            traced_precision = (
+                torch.autocast(x.device.type, dtype=self.autocast_dtype)
+                if self.autocast_dtype is not None
+                else contextlib.nullcontext()
             )
             # NOTE: freezing under the caller's autocast would run TorchScript's own autocast pass,
             # which casts to bf16 inside the module's fp32 regions too (the trace no longer shows them).
@@ -210,7 +212,7 @@ class TracedNetwork(torch.nn.Module):
             with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings(), no_autocast:
                 warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape checks become constants
                 warnings.simplefilter("ignore", DeprecationWarning)  # said once in the docstring
-                with autocast:
+                with traced_precision:
                     traced = torch.jit.trace(self.module.eval(), example, check_trace=False)
                 return torch.jit.freeze(traced)
         except Exception as err:  # noqa: BLE001 - any failure means: run eager
